@@ -1,0 +1,27 @@
+# The two commands of the README, on a machine with only python3, pip and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install clean
+
+run: $(VENV)/.runtime
+	$(BIN)/python examples/exact_denoiser.py --out out/quickstart
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.runtime
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet -r requirements-test.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) out
