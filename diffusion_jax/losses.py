@@ -11,7 +11,7 @@ in the bound term, where L_vlb = T * L_{t-1} so that lambda = 0.001 is the paper
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ from jax.scipy.special import log_ndtr
 from diffusion_jax import schedule as sch
 
 LOSS_TYPES = ("mse", "kl", "hybrid")
-ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 # Floor of a bin's probability relative to the larger CDF value (the original floors at 1e-12).
 _MIN_BIN_RATIO = 1e-12
@@ -93,7 +92,7 @@ def prior_bpd(sched: sch.Schedule, x0):
 
 
 def losses_at(
-    model_fn: ModelFn,
+    model_fn: sch.ModelFn,
     sched: sch.Schedule,
     x0,
     t,
@@ -123,7 +122,7 @@ def losses_at(
     return mse + hybrid_lambda * sched.num_timesteps * vb
 
 
-def training_losses(model_fn: ModelFn, sched: sch.Schedule, x0, rng, **loss_kwargs):
+def training_losses(model_fn: sch.ModelFn, sched: sch.Schedule, x0, rng, **loss_kwargs):
     """Per-example loss [B] with t ~ Uniform{0, ..., T-1} and eps ~ N(0, I) (DDPM Algorithm 1).
 
     ``loss_kwargs`` are those of :func:`losses_at`.
@@ -144,7 +143,7 @@ class BitsPerDim(NamedTuple):
 
 
 def bits_per_dim(
-    model_fn: ModelFn,
+    model_fn: sch.ModelFn,
     sched: sch.Schedule,
     x0,
     rng,

@@ -19,8 +19,9 @@ Variance types (``var_type``): ``fixed_small`` (sigma^2 = beta~_t), ``fixed_larg
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +32,9 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 # Largest beta kept by the `cosine` and `jsd` schedules (improved DDPM section 3.2):
 # beta = 1 would make alpha-bar_T = 0 and the eps -> x_0 conversion infinite.
 MAX_BETA = 0.999
+
+# A denoiser: x_t [B, ...] and integer timesteps t [B] in [0, T) -> C or 2C output channels.
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def check_types(mean_type: str | None = None, var_type: str | None = None) -> None:
@@ -113,29 +117,69 @@ def schedule_from_betas(betas) -> Schedule:
             f"betas must lie in the open interval (0, 1); betas[{bad[0]}] = {float(betas[bad[0]])} "
             f"({bad.size} entries out of range)"
         )
+    table = _table(np, betas, np.cumsum(np.log1p(-betas)))
+    return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in table.items()})
+
+
+def _table(xp, betas, log_alphas_cumprod) -> dict:
+    """The coefficients of DDPM eqs. 4 and 6-7 from beta_t and log a-bar_t, in ``xp``.
+
+    1 - a-bar is -expm1(log a-bar) and log(1 - a-bar) is log1p(-a-bar) where a-bar < 1/2,
+    so that both keep float32 precision at either end of the chain.
+    """
     alphas = 1.0 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    alphas_cumprod = xp.exp(log_alphas_cumprod)
+    one_minus = -xp.expm1(log_alphas_cumprod)
+    alphas_cumprod_prev = xp.concatenate([xp.ones_like(betas[:1]), alphas_cumprod[:-1]])
+    one_minus_prev = xp.concatenate([xp.zeros_like(betas[:1]), one_minus[:-1]])
+    posterior_variance = betas * one_minus_prev / one_minus
     # beta~_1 = 0, so the log is clipped by repeating beta~_2 (T = 1 has only beta~_1 = 0
     # and keeps log beta_1, the only variance the single step can have).
-    first = posterior_variance[1] if betas.shape[0] > 1 else betas[0]
-    table = dict(
+    first = posterior_variance[1:2] if betas.shape[0] > 1 else betas[:1]
+    return dict(
         betas=betas,
         alphas=alphas,
         alphas_cumprod=alphas_cumprod,
         alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        sqrt_alphas_cumprod=xp.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=xp.sqrt(one_minus),
+        log_one_minus_alphas_cumprod=xp.where(
+            alphas_cumprod < 0.5, xp.log1p(-alphas_cumprod), xp.log(one_minus)
+        ),
+        sqrt_recip_alphas_cumprod=xp.exp(-0.5 * log_alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=xp.sqrt(one_minus / alphas_cumprod),
         posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(np.append(first, posterior_variance[1:])),
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        posterior_log_variance_clipped=xp.log(xp.concatenate([first, posterior_variance[1:]])),
+        posterior_mean_coef1=betas * xp.sqrt(alphas_cumprod_prev) / one_minus,
+        posterior_mean_coef2=one_minus_prev * xp.sqrt(alphas) / one_minus,
     )
-    return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in table.items()})
+
+
+def respace(sched: Schedule, timesteps) -> Schedule:
+    """The diffusion restricted to increasing ``timesteps`` (improved DDPM section 4).
+
+    Entry i has a-bar of ``timesteps[i]`` and beta = 1 - a-bar_{t_i} / a-bar_{t_{i-1}} (a-bar
+    before the first is 1), both from sums of log(1 - beta) over the skipped steps so that
+    small betas keep their float32 precision. Traceable.
+    """
+    timesteps = check_timesteps(timesteps, sched.num_timesteps)
+    segments = np.searchsorted(timesteps, np.arange(timesteps[-1] + 1))  # step s -> its entry
+    log_alphas = jax.ops.segment_sum(
+        jnp.log1p(-sched.betas[: timesteps[-1] + 1]), segments, num_segments=len(timesteps)
+    )
+    return Schedule(**_table(jnp, -jnp.expm1(log_alphas), jnp.cumsum(log_alphas)))
+
+
+def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
+    """``timesteps`` as an int32 array, refused unless strictly increasing within [0, T)."""
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.size < 1 or not np.issubdtype(ts.dtype, np.integer):
+        raise ValueError(f"timesteps must be a non-empty 1-D list of integers, got {timesteps!r}")
+    if ts[0] < 0 or ts[-1] >= num_timesteps or np.any(np.diff(ts) <= 0):
+        raise ValueError(
+            f"timesteps must increase strictly within [0, {num_timesteps}), got {ts.tolist()}"
+        )
+    return ts.astype(np.int32)
 
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, **kwargs) -> Schedule:
