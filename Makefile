@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install clean
+.PHONY: run test install bench clean
 
 run: $(VENV)/.runtime
-	$(BIN)/python examples/exact_denoiser.py --out out/quickstart
+	$(BIN)/python train.py --config=configs/quickstart.py --workdir=out/quickstart
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q
@@ -23,6 +23,10 @@ $(VENV)/.runtime: requirements.txt
 $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 	$(BIN)/pip install --quiet -r requirements-test.txt
 	touch $@
+
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.samplers
+	$(BIN)/python -m benchmarks.train_loop
 
 clean:
 	rm -rf $(VENV) out

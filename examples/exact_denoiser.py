@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from diffusion_jax import analytic, losses, samplers, schedule
+from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 
 TYPES = dict(mean_type="eps", var_type="fixed_large")
 
@@ -35,13 +36,6 @@ def draw(weights, means, variances, n, seed):
     rng = np.random.default_rng(seed)
     k = rng.choice(len(weights), size=n, p=weights)
     return means[k] + np.sqrt(variances[k])[:, None] * rng.normal(size=(n, 2))
-
-
-def sliced_wasserstein(a, b, num_projections=64):
-    """Mean 1-D Wasserstein-1 distance over evenly spaced projections (equal sample sizes)."""
-    angles = np.linspace(0, np.pi, num_projections, endpoint=False)
-    dirs = np.stack([np.cos(angles), np.sin(angles)], 1)
-    return float(np.mean(np.abs(np.sort(a @ dirs.T, 0) - np.sort(b @ dirs.T, 0))))
 
 
 def scatter_png(panels, path, size=220):

@@ -10,6 +10,7 @@ import pytest
 from diffusion_jax import analytic
 from diffusion_jax import samplers as SM
 from diffusion_jax import schedule as S
+from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 
 WEIGHTS = np.array([0.5, 0.3, 0.2])
 MEANS = np.array([[0.5, 0.5], [-0.5, 0.3], [0.0, -0.6]])
@@ -39,13 +40,6 @@ def component_stats(x):
     means = np.array([x[k == j].mean(0) for j in range(3)])
     stds = np.array([x[k == j].std(0).mean() for j in range(3)])
     return weights, means, stds
-
-
-def sliced_wasserstein(a, b, num_projections=64):
-    angles = np.linspace(0, np.pi, num_projections, endpoint=False)
-    dirs = np.stack([np.cos(angles), np.sin(angles)], 1)
-    pa, pb = np.sort(np.asarray(a, np.float64) @ dirs.T, 0), np.sort(np.asarray(b, np.float64) @ dirs.T, 0)
-    return float(np.mean(np.abs(pa - pb)))
 
 
 def assert_matches_mixture(x):

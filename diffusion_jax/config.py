@@ -1,0 +1,83 @@
+"""The experiment schema: every key a config may set, with its default, and its validation.
+
+Files in ``configs/`` start from :func:`base` (the DDPM CIFAR-10 run) and override. As every
+key exists here with a fixed type, ``--config.a.b=value`` with an unknown key or a value of
+the wrong type is refused by ml_collections when the flags are parsed; :func:`validate`
+checks values against each other before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffusion_jax import input_pipeline, losses, samplers, schedule
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(name="cifar10", train_split="train", eval_split="test", image_size=32, channels=3,
+                  randflip=True, data_dir=config_dict.placeholder(str))
+    c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
+                   resamp_with_conv=True, dtype="float32")
+    c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mean_type="eps",
+                       var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3)
+    c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
+                   ema_decay=0.9999, ema_warmup=False)
+    # batch_size is global (all devices of all processes); a checkpoint every checkpoint_every
+    # steps, the last keep_checkpoints kept, and every keep_period-th kept for good (0: none)
+    c.train = dict(batch_size=128, num_steps=800_000, log_every=100, checkpoint_every=10_000,
+                   keep_checkpoints=3, keep_period=0)
+    # sample grids from the EMA params with fixed noise, every `every` steps (0: never); x_0
+    # predictions clipped to [-1, 1] as in the DDPM code (robust early in training)
+    c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", clip_x0=True)
+    # the quality figure at the end of training: sliced Wasserstein distance in pixel space
+    # between num_samples samples and held-out images (0: skip)
+    c.eval = dict(num_samples=0)
+    return c
+
+
+def out_channels(config) -> int:
+    learned = config.diffusion.var_type in ("learned", "learned_range")
+    return config.data.channels * (2 if learned else 1)
+
+
+def validate(config, num_devices: int, num_processes: int) -> None:
+    """Raise a ValueError naming the first bad value and what is allowed."""
+
+    def need(ok, key, value, allowed):
+        if not ok:
+            raise ValueError(f"config.{key} = {value!r} is not allowed: {allowed}")
+
+    d, m, diff, t, o, s = config.data, config.model, config.diffusion, config.train, config.optim, config.sample
+    need(d.name in input_pipeline.DATASETS, "data.name", d.name, f"one of {', '.join(input_pipeline.DATASETS)}")
+    levels = len(m.ch_mult)
+    need(levels >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult, "positive integers")
+    need(d.image_size > 0 and d.image_size % 2 ** (levels - 1) == 0, "data.image_size", d.image_size,
+         f"a multiple of 2^(len(model.ch_mult) - 1) = {2 ** (levels - 1)}")
+    need(m.ch > 0 and all(m.ch * k % 32 == 0 for k in m.ch_mult), "model.ch", m.ch,
+         "channel counts ch * ch_mult[i] must be multiples of 32 (GroupNorm's 32 groups)")
+    need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
+    need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+    need(diff.schedule in schedule.SCHEDULES, "diffusion.schedule", diff.schedule, ", ".join(schedule.SCHEDULES))
+    need(diff.num_timesteps >= 1, "diffusion.num_timesteps", diff.num_timesteps, ">= 1")
+    need(diff.mean_type in schedule.MEAN_TYPES, "diffusion.mean_type", diff.mean_type, ", ".join(schedule.MEAN_TYPES))
+    need(diff.var_type in schedule.VAR_TYPES, "diffusion.var_type", diff.var_type, ", ".join(schedule.VAR_TYPES))
+    losses.check_loss_type(diff.loss_type, diff.var_type)
+    schedule.get_beta_schedule(diff.schedule, diff.num_timesteps, diff.beta_start, diff.beta_end)
+    need(t.batch_size > 0 and t.batch_size % num_devices == 0, "train.batch_size", t.batch_size,
+         f"a positive multiple of the {num_devices} devices")
+    need(t.batch_size % num_processes == 0, "train.batch_size", t.batch_size,
+         f"a multiple of the {num_processes} processes")
+    need(t.num_steps >= 1, "train.num_steps", t.num_steps, ">= 1")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
+    need(t.keep_period >= 0, "train.keep_period", t.keep_period, ">= 0 (0: keep none for good)")
+    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip > 0, "optim", dict(o), "lr > 0, warmup_steps >= 0, grad_clip > 0")
+    need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1)")
+    need(s.sampler in ("ddim", "ddpm"), "sample.sampler", s.sampler, "'ddim' or 'ddpm'")
+    need(s.spacing in samplers.SPACINGS, "sample.spacing", s.spacing, ", ".join(samplers.SPACINGS))
+    need(1 <= s.steps <= diff.num_timesteps, "sample.steps", s.steps, f"in [1, {diff.num_timesteps}]")
+    need(s.every >= 0 and s.num >= 1, "sample", dict(s), "every >= 0 and num >= 1")
+    need(config.eval.num_samples >= 0, "eval.num_samples", config.eval.num_samples, ">= 0")

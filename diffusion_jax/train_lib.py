@@ -1,0 +1,346 @@
+"""Training: the train state, the pure train step, and the loop around it.
+
+One program for one CPU, eight GPUs or a TPU pod: a one-axis ``Mesh('data')`` over every
+device of every process; the global batch is sharded on ``data``, the state replicated and
+donated. Randomness is stateless: step s draws from ``fold_in(key, s)``, and the data of
+step s is a function of (seed, step) (see ``input_pipeline``), so a resumed run continues
+exactly the interrupted one.
+
+Checkpoints (Orbax, async) hold step, params, EMA params and optimizer state, with the
+config beside them; a run with the same ``workdir`` resumes from the latest complete one,
+onto any number of devices. SIGTERM saves the current step and exits cleanly. A
+non-finite loss or gradient leaves the parameters untouched and stops the run at the next
+check (every ``log_every`` steps and before each save), naming the step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import config as config_lib
+from diffusion_jax import image_io, input_pipeline, losses, samplers, schedule
+from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
+from diffusion_jax.models.unet import UNet
+
+# the keys of a config that fix the shapes of the parameters
+NETWORK_KEYS = ("model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
+                "model.resamp_with_conv", "data.channels", "diffusion.var_type")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+class TrainState(NamedTuple):
+    step: jnp.ndarray  # int32 []
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
+
+
+def make_model(config) -> UNet:
+    m = config.model
+    return UNet(ch=m.ch, out_ch=config_lib.out_channels(config), ch_mult=tuple(m.ch_mult),
+                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
+
+
+def make_schedule(config) -> schedule.Schedule:
+    d = config.diffusion
+    return schedule.make_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def learning_rate(config):
+    """Linear warmup from 0 over ``warmup_steps``, then constant (the DDPM code's schedule)."""
+    o = config.optim
+    return optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else optax.constant_schedule(o.lr)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adam(learning_rate(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
+
+
+def init_state(config, model: UNet, tx, rng) -> TrainState:
+    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32))["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32))
+
+
+def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Schedule, tx, config):
+    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA."""
+    dropout_rng, diffusion_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    d = config.diffusion
+    lr = learning_rate(config)(state.step)
+
+    def loss_fn(params):
+        def model_fn(x, t):
+            return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
+
+        return losses.training_losses(model_fn, sched, batch, diffusion_rng, loss_type=d.loss_type,
+                                      mean_type=d.mean_type, var_type=d.var_type,
+                                      hybrid_lambda=d.hybrid_lambda).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.optim.ema_decay
+    if config.optim.ema_warmup:  # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
+        decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+    state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        ema_params=keep(ema_params, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
+    )
+    return state, dict(loss=loss, grad_norm=grad_norm, lr=lr)
+
+
+def sample_images(params, x_T, *, model: UNet, sched: schedule.Schedule, config):
+    """Images in [-1, 1] from the configured sampler (``config.sample``), for grids and evaluation."""
+    d, s = config.diffusion, config.sample
+
+    def model_fn(x, t):
+        return model.apply({"params": params}, x, t)
+
+    if s.sampler == "ddpm":
+        steps = None if s.steps == d.num_timesteps else samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
+        return samplers.ddpm_sample(model_fn, sched, x_T, jax.random.PRNGKey(0), mean_type=d.mean_type,
+                                    var_type=d.var_type, clip_x0=s.clip_x0, timesteps=steps).images
+    steps = samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
+    return samplers.ddim_sample(model_fn, sched, x_T, timesteps=steps, mean_type=d.mean_type,
+                                var_type=d.var_type, clip_x0=s.clip_x0).images
+
+
+class Trainer:
+    """The compiled pieces of a run on a mesh: state init, train step and sampling."""
+
+    def __init__(self, config):
+        self.config = config
+        self.model = make_model(config)
+        self.sched = make_schedule(config)
+        self.tx = make_optimizer(config)
+        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+        self.init = jax.jit(functools.partial(init_state, config, self.model, self.tx),
+                            out_shardings=self.replicated)
+        self.step = jax.jit(
+            functools.partial(train_step, model=self.model, sched=self.sched, tx=self.tx, config=config),
+            in_shardings=(self.replicated, self.data_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+        self._sample = functools.partial(sample_images, model=self.model, sched=self.sched, config=config)
+        self._generators = {}  # number of images -> compiled sampler
+
+    def abstract_state(self):
+        shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0))
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
+
+    def global_batch(self, local_batch: np.ndarray):
+        return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
+
+    def generate(self, params, num: int, rng) -> np.ndarray:
+        """``num`` uint8 images on every process, sharded over the devices while sampled."""
+        if num not in self._generators:
+            d = self.config.data
+            shape = (num, d.image_size, d.image_size, d.channels)
+            sharding = self.data_sharding if num % jax.device_count() == 0 else self.replicated
+            self._generators[num] = jax.jit(lambda p, r: self._sample(p, jax.random.normal(r, shape)),
+                                            in_shardings=(self.replicated, self.replicated), out_shardings=sharding)
+        images = self._generators[num](params, rng)
+        return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
+
+
+def _flat(config) -> dict:
+    out = {}
+    for key in NETWORK_KEYS:
+        section, name = key.split(".")
+        value = config[section][name]
+        out[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def check_resume_compatible(config, saved_config: dict) -> None:
+    """Refuse to resume a checkpoint whose network differs from the config's."""
+    ours, theirs = _flat(config), _flat(saved_config)
+    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS if ours[k] != theirs[k]]
+    if differing:
+        raise ValueError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
+                         + "; use a new --workdir or the checkpoint's settings")
+
+
+def checkpoint_manager(workdir: str, config, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_period or None,
+        create=create, cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def _restore_config(manager, step) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+class _Preemption:
+    """SIGTERM (or, across processes, JAX's preemption sync point) asks for a save and exit."""
+
+    def __init__(self, manager):
+        self.manager, self.requested = manager, False
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return self.requested
+
+    def close(self):
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def console(message: str) -> None:
+    """A progress line on the console, from process 0."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _check_finite(state: TrainState, last_good: int | None) -> None:
+    bad = int(state.bad_step)
+    if bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient at step {bad}; parameters were not updated from then "
+                             f"on and nothing after it was saved (last good checkpoint: step {last_good})")
+
+
+class _Writer:
+    """TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            import tensorflow as tf
+
+            tf.config.set_visible_devices([], "GPU")
+            self._tf, self._writer = tf, tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.enabled:
+            with self._writer.as_default(step=step):
+                for name, value in values.items():
+                    self._tf.summary.scalar(name, value)
+            self._writer.flush()
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Train (or resume) the run of ``config`` in ``workdir``; returns the final state."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        with checkpoint_manager(workdir, config, create=False) as manager:
+            if manager.latest_step() is not None:
+                check_resume_compatible(config, _restore_config(manager, manager.latest_step()))
+    d, t = config.data, config.train
+    process, processes = jax.process_index(), jax.process_count()
+    images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
+                                 process_index=process, process_count=processes)
+    heldout = None
+    if config.eval.num_samples:
+        heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
+
+    trainer = Trainer(config)
+    init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    manager = checkpoint_manager(workdir, config, create=True)
+    state = trainer.init(init_rng)
+    last_good = manager.latest_step()
+    if last_good is not None:
+        state = manager.restore(last_good, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
+        console(f"resumed from the checkpoint of step {last_good} in {workdir}")
+    start = int(state.step)
+    writer = _Writer(workdir)
+    preemption = _Preemption(manager)
+    prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
+                                         randflip=d.randflip, process_index=process)
+    pending, tick, tick_step = [], time.perf_counter(), start
+    try:
+        for step in range(start, t.num_steps):
+            state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
+            pending.append(metrics)
+            done = step + 1
+            preempted = preemption(done)
+            if done % t.log_every == 0 or done == t.num_steps or preempted:
+                _check_finite(state, last_good)
+                means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+                now = time.perf_counter()
+                rate = (done - tick_step) / (now - tick)
+                means.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
+                writer.scalars(done, means)
+                eta = (t.num_steps - done) / rate
+                console(f"step {done}/{t.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  "
+                        f"lr {means['lr']:.2e}  {rate:.2f} steps/s  {rate * t.batch_size:.1f} img/s  "
+                        f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+                pending, tick, tick_step = [], now, done
+            if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
+                _check_finite(state, last_good)
+                manager.save(done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())), force=True)
+                last_good = done
+            if preempted:
+                console(f"preempted: saved step {done}, exiting")
+                return state
+            if config.sample.every and (done % config.sample.every == 0 or done == t.num_steps):
+                grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
+                if process == 0:
+                    image_io.save_grid(grid, os.path.join(workdir, "samples", f"step_{done:08d}.png"), scale=2)
+    finally:
+        prefetch.close()
+        preemption.close()
+        manager.wait_until_finished()
+        manager.close()
+    if heldout is not None:
+        untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
+        report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
+    return state
+
+
+def report_quality(trainer, state, initial_params, train_images, heldout, rng, workdir, writer) -> dict:
+    """Pixel-space sliced Wasserstein distance to held-out images: floor, model, untrained ceiling."""
+    n = min(trainer.config.eval.num_samples, len(heldout))
+    n -= n % jax.device_count()
+    samples = trainer.generate(state.ema_params, n, rng)
+    untrained = trainer.generate(initial_params, n, rng)
+    floor_set = train_images[np.random.default_rng(0).choice(len(train_images), n, replace=False)]
+    figures = {name: sliced_wasserstein(x.astype(np.float32) / 255, heldout[:n].astype(np.float32) / 255)
+               for name, x in (("real_vs_real", floor_set), ("ema_model", samples), ("untrained_model", untrained))}
+    writer.scalars(int(state.step), {f"swd/{k}": v for k, v in figures.items()})
+    if jax.process_index() == 0:
+        image_io.save_grid(samples[:64], os.path.join(workdir, "samples", "final.png"), scale=2)
+        console(f"sliced Wasserstein distance to {n} held-out images (pixel space, lower is better): "
+                f"real images {figures['real_vs_real']:.4f} (floor) | trained model {figures['ema_model']:.4f} | "
+                f"untrained model {figures['untrained_model']:.4f}")
+    return figures

@@ -1,0 +1,264 @@
+"""train.py end to end in subprocesses: devices, processes, preemption, resume and bad input.
+
+Runs use tests/tiny_config.py (digits, a tiny U-Net, batch 8) and compare the parameters of
+the final checkpoints.
+"""
+
+import atexit
+import functools
+import importlib.util
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from diffusion_jax import config as config_lib
+from diffusion_jax import input_pipeline, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+# the runs of this module share compiled programs (48 s -> 17 s a run); removed at exit
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="diffusion-jax-test-cache-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, True)
+
+
+def command(workdir, *overrides, config=CONFIG):
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
+            *[f"--config.{o}" for o in overrides]]
+
+
+def environment(devices=1):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3",
+                JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def train(workdir, *overrides, devices=1, expect=0):
+    result = subprocess.run(command(workdir, *overrides), env=environment(devices), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_state():
+    spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return train_lib.Trainer(module.get_config()).abstract_state()
+
+
+def checkpoint(workdir):
+    """(step, TrainState) of a run's latest checkpoint, restored onto this process's one device."""
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None, None
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state()))
+        return step, manager.restore(step, args=args)["state"]
+
+
+def assert_same_params(expected, got):
+    """Equal within float32 tolerance (sums over devices differ in order; see tiny_config.py on eps)."""
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def params_of(state):
+    return [np.asarray(p) for p in jax.tree_util.tree_leaves(state.params)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Eight uninterrupted steps on one device."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train(workdir, "train.num_steps=8")
+    return params_of(checkpoint(workdir)[1])
+
+
+def test_one_and_eight_devices_train_the_same_parameters(reference, tmp_path):
+    result = train(str(tmp_path), "train.num_steps=8", devices=8)
+    assert "step 8/8" in result.stdout
+    step, state = checkpoint(str(tmp_path))
+    assert step == 8 and int(state.step) == 8
+    assert_same_params(reference, params_of(state))
+
+
+def test_checkpoint_restores_onto_a_different_device_count(reference, tmp_path):
+    train(str(tmp_path), "train.num_steps=4", devices=8)
+    result = train(str(tmp_path), "train.num_steps=8", devices=1)
+    assert "resumed from the checkpoint of step 4" in result.stdout
+    assert_same_params(reference, params_of(checkpoint(str(tmp_path))[1]))
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    """kill -9 at a random moment (saves every 2 steps, asynchronously), restart, compare bit for bit."""
+    workdir = str(tmp_path)
+    args = ("train.num_steps=8", "train.checkpoint_every=2")
+    rng = random.Random(0)
+    for attempt in range(3):
+        process = subprocess.Popen(command(workdir, *args), env=environment(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        for line in process.stdout:  # wait until training runs, then kill within the next steps
+            if line.startswith("step "):
+                break
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.kill()
+        process.wait()
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) and checkpoint(workdir)[0] is not None:
+            break
+    killed_at = checkpoint(workdir)[0]
+    result = train(workdir, *args)
+    if killed_at is not None and killed_at < 8:
+        assert f"resumed from the checkpoint of step {killed_at}" in result.stdout
+    step, state = checkpoint(workdir)
+    assert step == 8
+    for a, b in zip(reference, params_of(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path)
+    process = subprocess.Popen(command(workdir, "train.num_steps=100000"), env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    saved = int(out.split("preempted: saved step ")[1].split(",")[0])
+    assert saved >= 3 and checkpoint(workdir)[0] == saved
+
+
+def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    train(workdir, "train.num_steps=2", "train.checkpoint_every=2")
+    result = train(workdir, "train.num_steps=50", "train.checkpoint_every=2", "optim.lr=1e30",
+                   "optim.warmup_steps=0", expect=3)
+    assert "non-finite loss or gradient at step" in result.stderr
+    bad = int(result.stderr.split("at step ")[1].split(";")[0])
+    assert bad >= 2
+    step, state = checkpoint(workdir)
+    assert step <= bad
+    assert all(np.isfinite(p).all() for p in params_of(state))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
+    """2 processes x 2 devices over 127.0.0.1 == 1 process x 4 devices fed the two halves' batches."""
+    workdir, port = str(tmp_path / "distributed"), free_port()
+    processes = [
+        subprocess.Popen(command(workdir) + ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                                             "--num_processes=2", f"--process_id={i}"],
+                         env=environment(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    reference = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "distributed_reference.py"),
+                                CONFIG, str(tmp_path / "reference.npz")],
+                               env=environment(4), capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = np.load(tmp_path / "reference.npz")
+    assert_same_params([expected[f"leaf_{i}"] for i in range(len(expected.files))],
+                       params_of(checkpoint(workdir)[1]))
+
+
+def test_each_process_reads_a_disjoint_share():
+    halves = [input_pipeline.load("digits", "train", image_size=16, process_index=i, process_count=2)
+              for i in range(2)]
+    whole = input_pipeline.load("digits", "train", image_size=16)
+    assert len(halves[0]) + len(halves[1]) == len(whole)
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_input_order_after_resume_equals_the_uninterrupted_order():
+    images = input_pipeline.load("digits", "train", image_size=16)
+    kwargs = dict(batch_size=64, seed=3, randflip=True)
+    straight = input_pipeline.Prefetcher(images, 0, **kwargs)
+    first = [next(straight) for _ in range(40)]  # 40 * 64 > 1500: crosses an epoch
+    straight.close()
+    resumed = input_pipeline.Prefetcher(images, 25, **kwargs)
+    for step in range(25, 40):
+        np.testing.assert_array_equal(next(resumed), first[step])
+    resumed.close()
+    seen = np.concatenate([input_pipeline.batch_indices(1500, 64, s, seed=3) for s in range(24)])
+    assert len(np.unique(seen[:1500])) == 1500  # each epoch is a permutation
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.unknown_key=1"], "unknown_key"),
+        (["train.batch_size=eight"], "batch_size"),
+        (["data.name=mnist"], "config.data.name = 'mnist' is not allowed: one of digits, cifar10"),
+        (["model.ch_mult=(1,2,2,2,2,2)"], "config.data.image_size = 16 is not allowed: a multiple of 2^"),
+        (["train.batch_size=12"], "config.train.batch_size = 12 is not allowed: a positive multiple of the 8 devices"),
+        (["data.name=cifar10", "data.image_size=32", "data.channels=3", "data.data_dir=/nonexistent"],
+         "dataset 'cifar10' is not prepared in /nonexistent"),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-dataset", "image-size", "batch-vs-devices", "dataset-offline"],
+)
+def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    start = time.perf_counter()
+    result = subprocess.run(command(str(workdir), *overrides), env=environment(8), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not workdir.exists()
+    assert time.perf_counter() - start < 60
+
+
+def test_resuming_with_a_different_network_is_refused(tmp_path):
+    workdir = str(tmp_path)
+    train(workdir, "train.num_steps=1")
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    result = train(workdir, "train.num_steps=2", "model.ch=64", "diffusion.var_type=learned_range",
+                   "diffusion.loss_type=hybrid", expect=2)
+    assert "different network: model.ch (32 in the checkpoint, 64 now), diffusion.var_type" in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_cifar10_config_is_the_papers_run():
+    sys.path.insert(0, ROOT)
+    from configs import cifar10
+
+    c = cifar10.get_config()
+    config_lib.validate(c, num_devices=8, num_processes=1)
+    model = train_lib.make_model(c)
+    shapes = jax.eval_shape(lambda: train_lib.init_state(c, model, train_lib.make_optimizer(c),
+                                                          jax.random.PRNGKey(0)))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)) == 35_746_307
+    assert (c.data.name, c.data.train_split, c.data.image_size, c.data.randflip) == ("cifar10", "train", 32, True)
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_resolutions),
+            c.model.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (
+        "linear", 1000, 1e-4, 0.02)
+    assert (c.diffusion.mean_type, c.diffusion.var_type, c.diffusion.loss_type) == ("eps", "fixed_large", "mse")
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip, c.optim.beta1, c.optim.beta2, c.optim.eps) == (
+        2e-4, 5000, 1.0, 0.9, 0.999, 1e-8)
+    assert (c.optim.ema_decay, c.optim.ema_warmup) == (0.9999, False)
+    assert (c.train.batch_size, c.train.num_steps) == (128, 800_000)
+    lr = train_lib.learning_rate(c)
+    assert float(lr(0)) == 0.0
+    np.testing.assert_allclose([float(lr(2500)), float(lr(5000)), float(lr(100_000))], [1e-4, 2e-4, 2e-4], rtol=1e-6)
