@@ -26,7 +26,7 @@ $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.samplers
-	$(BIN)/python -m benchmarks.train_loop
+	$(BIN)/python -m benchmarks.train_loop --steps 16
 
 clean:
 	rm -rf $(VENV) out
