@@ -295,7 +295,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             preempted = preemption(done)
             if done % t.log_every == 0 or done == t.num_steps or preempted:
                 _check_finite(state, last_good)
-                means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+                fetched = jax.device_get(pending)  # one transfer for the interval's metrics
+                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 now = time.perf_counter()
                 rate = (done - tick_step) / (now - tick)
                 means.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
