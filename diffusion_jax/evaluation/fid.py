@@ -1,0 +1,118 @@
+"""FID (Heusel et al. 2017) and IS (Salimans et al. 2016) from Inception features, and the files they use.
+
+Statistics are float64: the mean and covariance of the 2048 pool features. Sample files are
+``.npz`` with ``arr_0`` uint8 NHWC, the format of the papers' and other FID tools.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+from scipy import linalg
+
+
+class Statistics(NamedTuple):
+    mu: np.ndarray  # [D] float64
+    sigma: np.ndarray  # [D, D] float64
+
+
+def statistics(features) -> Statistics:
+    """Mean and covariance (rows are samples, divisor N - 1) in float64."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {features.shape}")
+    return Statistics(features.mean(axis=0), np.cov(features, rowvar=False))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 (Heusel et al. 2017, eq. 6).
+
+    As the reference implementations: if the square root of S1 S2 is not finite, ``eps`` I is
+    added to both covariances; an imaginary part above 1e-3 in its diagonal is an error.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics differ in shape: mu {mu1.shape} and {mu2.shape}, "
+                         f"sigma {sigma1.shape} and {sigma2.shape}")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.all(np.isfinite(covmean)):
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imaginary = np.max(np.abs(np.diagonal(covmean).imag))
+        if imaginary > 1e-3:
+            raise ValueError(f"the square root of the covariance product has an imaginary part of {imaginary:.3g}: "
+                             "the statistics are too degenerate (use more samples)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` parts; (mean, std) over parts (Salimans et al. 2016).
+
+    p(y|x) is the softmax of the 1008 logits and p(y) its mean over the part, as in the
+    improved-GAN code behind the papers' IS.
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or len(logits) < splits:
+        raise ValueError(f"need [N >= {splits}, classes] logits for {splits} splits, got shape {logits.shape}")
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    scores = []
+    for part in np.array_split(log_p, splits):
+        log_py = np.log(np.exp(part).mean(axis=0))
+        scores.append(np.exp(np.mean(np.sum(np.exp(part) * (part - log_py), axis=1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def save_statistics(path: str, stats: Statistics) -> None:
+    """``path`` (.npz with ``mu`` and ``sigma``), written whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(temp, mu=stats.mu, sigma=stats.sigma)
+    os.replace(temp, path)
+
+
+def load_statistics(path: str) -> Statistics:
+    with np.load(path) as f:
+        if not {"mu", "sigma"} <= set(f.files):
+            raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {f.files}")
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
+    return Statistics(mu, sigma)
+
+
+def check_samples(images, name: str) -> np.ndarray:
+    """``images`` if they are uint8 NHWC with C in (1, 3) and N >= 2; else a ValueError naming what is wrong."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
+        raise ValueError(f"{name} must be uint8 images [N >= 2, H, W, C in (1, 3)], got {images.dtype} of shape "
+                         f"{images.shape}; sample.py writes them so (arr_0 of samples.npz)")
+    return images
+
+
+def load_samples(path: str) -> np.ndarray:
+    """``arr_0`` of an .npz of samples, checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no sample file {path}")
+    with np.load(path) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{path} has no arr_0 (it has {f.files}); samples are saved as np.savez(path, images)")
+        return check_samples(f["arr_0"], f"{path}'s arr_0")
+
+
+def reference_statistics(dataset: str, split: str, image_size: int, data_dir, extractor, cache_path: str) -> Statistics:
+    """Statistics of all images of ``dataset``/``split``, read from ``cache_path`` or computed and saved there."""
+    if os.path.exists(cache_path):
+        return load_statistics(cache_path)
+    from diffusion_jax import input_pipeline
+
+    images = input_pipeline.load(dataset, split, image_size=image_size, data_dir=data_dir)
+    stats = statistics(extractor(images)[0])
+    save_statistics(cache_path, stats)
+    return stats
