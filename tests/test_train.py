@@ -4,17 +4,14 @@ Runs use tests/tiny_config.py (digits, a tiny U-Net, batch 8) and compare the pa
 the final checkpoints.
 """
 
-import atexit
 import functools
 import importlib.util
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -24,30 +21,22 @@ import pytest
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import input_pipeline, train_lib
+import scripts
+from scripts import ROOT, environment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
-# the runs of this module share compiled programs (48 s -> 17 s a run); removed at exit
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="diffusion-jax-test-cache-")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, True)
+
+
+def arguments(workdir, *overrides, config=CONFIG):
+    return [f"--config={config}", f"--workdir={workdir}", *[f"--config.{o}" for o in overrides]]
 
 
 def command(workdir, *overrides, config=CONFIG):
-    return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config}", f"--workdir={workdir}",
-            *[f"--config.{o}" for o in overrides]]
-
-
-def environment(devices=1):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3",
-                JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return scripts.command("train.py", *arguments(workdir, *overrides, config=config))
 
 
 def train(workdir, *overrides, devices=1, expect=0):
-    result = subprocess.run(command(workdir, *overrides), env=environment(devices), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return scripts.run("train.py", *arguments(workdir, *overrides), devices=devices, expect=expect, timeout=600)
 
 
 @functools.lru_cache(maxsize=None)

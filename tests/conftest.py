@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules."""
+
+import pytest
+
+import scripts
+
+QUICKSTART_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def quickstart_workdir(tmp_path_factory):
+    """A workdir of configs/quickstart.py trained for 300 steps (~2 minutes), for sample.py and evaluation."""
+    workdir = str(tmp_path_factory.mktemp("quickstart"))
+    scripts.run("train.py", f"--config={scripts.ROOT}/configs/quickstart.py", f"--workdir={workdir}",
+                f"--config.train.num_steps={QUICKSTART_STEPS}", "--config.train.checkpoint_every=300",
+                "--config.sample.every=0", "--config.eval.num_samples=0")
+    return workdir
