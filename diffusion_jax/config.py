@@ -29,12 +29,19 @@ def base() -> ml_collections.ConfigDict:
     # steps, the last keep_checkpoints kept, and every keep_period-th kept for good (0: none)
     c.train = dict(batch_size=128, num_steps=800_000, log_every=100, checkpoint_every=10_000,
                    keep_checkpoints=3, keep_period=0)
-    # sample grids from the EMA params with fixed noise, every `every` steps (0: never); x_0
-    # predictions clipped to [-1, 1] as in the DDPM code (robust early in training)
-    c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", clip_x0=True)
-    # the quality figure at the end of training: sliced Wasserstein distance in pixel space
-    # between num_samples samples and held-out images (0: skip)
-    c.eval = dict(num_samples=0)
+    # the sampler of grids during training and the default of sample.py: 'ddpm' (ancestral) or
+    # 'ddim' (eta 0: deterministic, 1: DDPM-like) on `steps` timesteps of `spacing`; x_0
+    # predictions clipped to [-1, 1] as in the DDPM code. Grids of `num` EMA samples with fixed
+    # noise every `every` steps (0: never).
+    c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", eta=0.0, clip_x0=True)
+    # num_samples: at the end of training, the sliced Wasserstein distance in pixel space between
+    # that many samples and held-out images (0: skip). Every `every` steps (0: never), FID of
+    # fid_samples EMA samples against the statistics of data.train_split (cached at
+    # reference_stats, default beside the Inception weights; needs those weights, see
+    # diffusion_jax/evaluation/inception.py) and the NLL bound on nll_images images of
+    # data.eval_split (0: skip either), both in batches of batch_size over all devices.
+    c.eval = dict(num_samples=0, every=0, fid_samples=0, nll_images=0, batch_size=256,
+                  reference_stats=config_dict.placeholder(str), inception_weights=config_dict.placeholder(str))
     return c
 
 
@@ -80,4 +87,15 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     need(s.spacing in samplers.SPACINGS, "sample.spacing", s.spacing, ", ".join(samplers.SPACINGS))
     need(1 <= s.steps <= diff.num_timesteps, "sample.steps", s.steps, f"in [1, {diff.num_timesteps}]")
     need(s.every >= 0 and s.num >= 1, "sample", dict(s), "every >= 0 and num >= 1")
-    need(config.eval.num_samples >= 0, "eval.num_samples", config.eval.num_samples, ">= 0")
+    need(s.eta >= 0, "sample.eta", s.eta, ">= 0")
+    need(s.sampler == "ddim" or s.eta == 0, "sample.eta", s.eta,
+         "0 with sampler 'ddpm' (eta applies to DDIM; eta 1 with sampler 'ddim' is DDPM-like)")
+    e = config.eval
+    for key in ("num_samples", "every", "fid_samples", "nll_images"):
+        need(e[key] >= 0, f"eval.{key}", e[key], ">= 0")
+    need(e.batch_size >= 1 and e.batch_size % num_devices == 0, "eval.batch_size", e.batch_size,
+         f"a positive multiple of the {num_devices} devices")
+    need(e.every > 0 or not (e.fid_samples or e.nll_images), "eval.every", e.every,
+         "> 0 when eval.fid_samples or eval.nll_images is set (how often to evaluate)")
+    need(e.every == 0 or e.fid_samples or e.nll_images, "eval.every", e.every,
+         "0 unless eval.fid_samples or eval.nll_images says what to evaluate")

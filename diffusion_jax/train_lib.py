@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import image_io, input_pipeline, losses, samplers, schedule
+from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
@@ -117,22 +116,6 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
     return state, dict(loss=loss, grad_norm=grad_norm, lr=lr)
 
 
-def sample_images(params, x_T, *, model: UNet, sched: schedule.Schedule, config):
-    """Images in [-1, 1] from the configured sampler (``config.sample``), for grids and evaluation."""
-    d, s = config.diffusion, config.sample
-
-    def model_fn(x, t):
-        return model.apply({"params": params}, x, t)
-
-    if s.sampler == "ddpm":
-        steps = None if s.steps == d.num_timesteps else samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
-        return samplers.ddpm_sample(model_fn, sched, x_T, jax.random.PRNGKey(0), mean_type=d.mean_type,
-                                    var_type=d.var_type, clip_x0=s.clip_x0, timesteps=steps).images
-    steps = samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
-    return samplers.ddim_sample(model_fn, sched, x_T, timesteps=steps, mean_type=d.mean_type,
-                                var_type=d.var_type, clip_x0=s.clip_x0).images
-
-
 class Trainer:
     """The compiled pieces of a run on a mesh: state init, train step and sampling."""
 
@@ -150,8 +133,7 @@ class Trainer:
             functools.partial(train_step, model=self.model, sched=self.sched, tx=self.tx, config=config),
             in_shardings=(self.replicated, self.data_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-        self._sample = functools.partial(sample_images, model=self.model, sched=self.sched, config=config)
-        self._generators = {}  # number of images -> compiled sampler
+        self.generate = sample_lib.Generator(config, self.model, self.sched, self.mesh)
 
     def abstract_state(self):
         shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0))
@@ -160,17 +142,6 @@ class Trainer:
 
     def global_batch(self, local_batch: np.ndarray):
         return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
-
-    def generate(self, params, num: int, rng) -> np.ndarray:
-        """``num`` uint8 images on every process, sharded over the devices while sampled."""
-        if num not in self._generators:
-            d = self.config.data
-            shape = (num, d.image_size, d.image_size, d.channels)
-            sharding = self.data_sharding if num % jax.device_count() == 0 else self.replicated
-            self._generators[num] = jax.jit(lambda p, r: self._sample(p, jax.random.normal(r, shape)),
-                                            in_shardings=(self.replicated, self.replicated), out_shardings=sharding)
-        images = self._generators[num](params, rng)
-        return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
 
 
 def _flat(config) -> dict:
@@ -268,10 +239,15 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
                                  process_index=process, process_count=processes)
     heldout = None
-    if config.eval.num_samples:
+    if config.eval.num_samples or config.eval.nll_images:
         heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
 
     trainer = Trainer(config)
+    periodic_eval = None
+    if config.eval.every:  # the Inception network and its weights are loaded only when asked for
+        from diffusion_jax.evaluation import report
+
+        periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     manager = checkpoint_manager(workdir, config, create=True)
@@ -318,12 +294,16 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
                 if process == 0:
                     image_io.save_grid(grid, os.path.join(workdir, "samples", f"step_{done:08d}.png"), scale=2)
+            if periodic_eval is not None and (done % config.eval.every == 0 or done == t.num_steps):
+                values = periodic_eval(state.ema_params, sample_rng)
+                writer.scalars(done, values)
+                console(f"step {done} evaluation: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
     finally:
         prefetch.close()
         preemption.close()
         manager.wait_until_finished()
         manager.close()
-    if heldout is not None:
+    if config.eval.num_samples:
         untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
         report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
     return state

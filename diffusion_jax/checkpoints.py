@@ -1,0 +1,93 @@
+"""A model to sample or evaluate: its config and parameters from a training workdir or a converted checkpoint.
+
+Two kinds of checkpoint hold a model: a training run's (``WORKDIR/checkpoints/STEP``, with
+the run's config, raw and EMA parameters) and ``convert.py``'s output (one set of
+parameters and the network's shape, no diffusion settings). Both come back as the same
+``(config, params)``: the config of a training checkpoint is the run's; that of a converted
+one is the given config with the network and image shape of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from diffusion_jax import config as config_lib
+from diffusion_jax import convert, train_lib
+
+PARAMS = ("ema", "raw")
+
+
+def _kind(path: str) -> str:
+    if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "params")):
+        return "converted"
+    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config")):
+        return "training"
+    raise ValueError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and params/) or "
+                     "a training checkpoint WORKDIR/checkpoints/STEP (with state/ and config/)")
+
+
+def _training(workdir: str, step: int | None, which: str, config):
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir} holds no checkpoints (no {directory}); train with train.py --workdir={workdir}")
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        steps = manager.all_steps()
+        if not steps:
+            raise ValueError(f"{directory} holds no complete checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        if config is None:
+            config = config_lib.base()
+            config.update(saved)  # keys added to the schema since the run keep their defaults
+        else:
+            train_lib.check_resume_compatible(config, saved)
+        abstract = train_lib.Trainer(config).abstract_state()
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    return config, state.ema_params if which == "ema" else state.params
+
+
+def _converted(path: str, which: str, config):
+    if which != "ema":
+        raise ValueError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} does not "
+                         "apply (convert.py --raw chooses the raw TF weights when converting)")
+    params, unet, image_shape = convert.load(path)
+    config = config_lib.base() if config is None else ml_collections.ConfigDict(config.to_dict())
+    expected = config_lib.out_channels(config)
+    channels = image_shape[2]
+    if channels != config.data.channels or unet.out_ch != expected:
+        raise ValueError(f"{path} does not fit the config: the network takes {channels} channels and outputs "
+                         f"{unet.out_ch}, the config has data.channels={config.data.channels} and "
+                         f"diffusion.var_type={config.diffusion.var_type!r} (so {expected} outputs)")
+    config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
+                        attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv, dropout=0.0)
+    config.data.image_size = image_shape[0]
+    return config, params
+
+
+def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
+         which: str = "ema", config=None):
+    """(config, params) of ``workdir``'s checkpoint (the latest, or ``step``) or of ``checkpoint``.
+
+    ``which`` is 'ema' or 'raw' (training checkpoints only). ``config``, if given, supplies the
+    diffusion and sampling settings and must describe the checkpoint's network.
+    """
+    if (workdir is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --workdir (a training run) and --checkpoint (a checkpoint directory)")
+    if which not in PARAMS:
+        raise ValueError(f"params must be one of {PARAMS}, got {which!r}")
+    if checkpoint is not None:
+        checkpoint = os.path.abspath(checkpoint)
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"checkpoint {checkpoint} does not exist")
+        if _kind(checkpoint) == "converted":
+            if step is not None:
+                raise ValueError("--step applies to training workdirs, not to a converted checkpoint")
+            return _converted(checkpoint, which, config)
+        workdir, step = os.path.dirname(os.path.dirname(checkpoint)), int(os.path.basename(checkpoint))
+    return _training(workdir, step, which, config)

@@ -1,0 +1,192 @@
+"""Sample a trained or converted model: python sample.py --workdir=DIR --out=OUT [options].
+
+    python sample.py --workdir=out/quickstart --out=out/quickstart/ddim25 --num_samples=1000
+    python sample.py --checkpoint=ddpm_cifar10 --out=OUT --sampler=ddpm --steps=1000 \\
+        --num_samples=50000 --fid   # DDPM Table 1 (see REPRODUCING.md)
+
+The model: --workdir (a training run, its latest checkpoint or --step; --params=ema|raw) or
+--checkpoint (a training checkpoint WORKDIR/checkpoints/STEP, or convert.py's output). The
+sampler: the config's ``sample`` settings (the run's, or --config's for converted
+checkpoints), overridden by --sampler, --steps, --spacing, --eta, --clip_x0.
+
+Modes (--mode):
+  samples               --num_samples images in shards of --batch_size under OUT/shards/,
+                        resumed after the last complete shard if interrupted; then
+                        OUT/samples.npz (arr_0: uint8 NHWC) and OUT/samples.png; --fid adds
+                        FID and IS against the training split's statistics.
+  progressive           DDPM Fig. 6: x_t and the x_0 prediction along the chain (--num_samples rows).
+  interpolate           DDIM section 5.3: decoding slerps between pairs of x_T (DDIM, eta 0).
+  interpolate_diffused  DDPM section 4.4: pairs of test images diffused to --t, mixed, decoded.
+  reconstruct           DDIM section 5.4: test images -> x_T by DDIM inversion -> back.
+Sampling is sharded over all devices (and processes, with --distributed as in train.py).
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "config file for the diffusion and sampler settings (default: the "
+                                "run's own; for converted checkpoints configs/cifar10.py's)", lock_config=True)
+flags.DEFINE_string("workdir", None, "a training workdir")
+flags.DEFINE_string("checkpoint", None, "a checkpoint directory: WORKDIR/checkpoints/STEP or convert.py's --out")
+flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: the latest)")
+flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
+flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_enum("mode", "samples", MODES, "what to produce")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "override config.sample.sampler")
+flags.DEFINE_integer("steps", None, "override config.sample.steps", lower_bound=1)
+flags.DEFINE_string("spacing", None, "override config.sample.spacing (uniform, quad, trailing, linspace)")
+flags.DEFINE_float("eta", None, "override config.sample.eta (DDIM only)")
+flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
+flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "random seed; batch i uses fold_in(seed, i)")
+flags.DEFINE_integer("num_interp", 11, "interpolation points per row (interpolation modes)", lower_bound=2)
+flags.DEFINE_integer("t", None, "timestep to diffuse to (mode interpolate_diffused; default T / 2, 500 in DDPM "
+                     "Fig. 8)", lower_bound=0)
+flags.DEFINE_bool("fid", False, "mode samples: FID and IS of the samples (see evaluate.py for the options)")
+flags.DEFINE_string("reference_stats", None, "with --fid: statistics .npz of the reference images (default: "
+                    "computed once from config.data.train_split and cached)")
+flags.DEFINE_string("inception_weights", None, "with --fid: pytorch-fid's Inception weights (see evaluate.py)")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where JAX cannot find the cluster")
+flags.DEFINE_integer("num_processes", None, "number of processes, with --coordinator_address")
+flags.DEFINE_integer("process_id", None, "this process's index, with --coordinator_address")
+flags.mark_flags_as_required(["out"])
+
+# flags that apply only to some modes or samplers
+MODE_FLAGS = {"num_interp": ("interpolate", "interpolate_diffused"), "t": ("interpolate_diffused",),
+              "fid": ("samples",), "reference_stats": ("samples",), "inception_weights": ("samples",)}
+# the settings that make a set of samples; a resumed run must have the same
+RUN_KEYS = ("workdir", "checkpoint", "step", "params", "seed", "batch_size")
+
+
+def check_flags(config):
+    """ValueError for a flag that does not apply to the mode or sampler."""
+    for name, modes in MODE_FLAGS.items():
+        if FLAGS[name].present and FLAGS.mode not in modes:
+            raise ValueError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
+    if FLAGS.reference_stats and not FLAGS.fid or FLAGS.inception_weights and not FLAGS.fid:
+        raise ValueError("--reference_stats and --inception_weights apply with --fid")
+    s = config.sample
+    if FLAGS.mode in ("interpolate", "reconstruct") and (s.sampler != "ddim" or s.eta != 0):
+        raise ValueError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
+                         f"not sampler {s.sampler!r} with eta {s.eta}")
+    if FLAGS.mode == "interpolate_diffused":
+        for name in ("sampler", "steps", "spacing", "eta"):
+            if FLAGS[name].present:
+                raise ValueError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes with the "
+                                 "full DDPM chain from --t (DDPM section 4.4)")
+        if FLAGS.t is not None and FLAGS.t >= config.diffusion.num_timesteps:
+            raise ValueError(f"--t={FLAGS.t} must be below the {config.diffusion.num_timesteps} timesteps")
+
+
+def sampler_config(config):
+    for name in ("sampler", "steps", "spacing", "eta", "clip_x0"):
+        if FLAGS[name].value is not None:
+            config.sample[name] = FLAGS[name].value
+    if FLAGS.sampler == "ddpm" and FLAGS.steps is None:
+        config.sample.steps = config.diffusion.num_timesteps  # DDPM: the full chain unless told otherwise
+    return config
+
+
+def check_run_settings(out: str, settings: dict) -> None:
+    """Record the settings of OUT's samples; refuse to add to samples of other settings."""
+    path = os.path.join(out, "sampling.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differing = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)"
+                     for k in settings if saved.get(k) != settings[k]]
+        if differing:
+            raise ValueError(f"{out} holds samples made with other settings: {', '.join(differing)}; "
+                             "use a new --out to sample with these")
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    import diffusion_jax  # noqa: F401  (sets XLA's CPU flags before JAX starts)
+    import jax
+
+    if FLAGS.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from diffusion_jax import input_pipeline
+
+    try:
+        run(jax)
+    except (ValueError, FileNotFoundError, input_pipeline.DatasetNotPreparedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def samples(jax, config, params, out: str):
+    """Mode samples: shards, then samples.npz and a grid of the first 64; FID and IS with --fid."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from diffusion_jax import image_io, sample_lib, train_lib
+
+    settings = {k: FLAGS[k].value for k in RUN_KEYS}
+    settings["sample"] = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")}
+    check_run_settings(out, settings)
+    evaluator = None
+    if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once
+        from diffusion_jax.evaluation import report
+
+        evaluator = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
+                                     inception_weights=FLAGS.inception_weights)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    generate = sample_lib.Generator(config, train_lib.make_model(config), train_lib.make_schedule(config), mesh)
+    images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), os.path.join(out, "shards"),
+                                         FLAGS.num_samples, FLAGS.batch_size, progress=sample_lib.Progress("samples"))
+    if jax.process_index() == 0:
+        sample_lib.write_npz(os.path.join(out, "samples.npz"), images)
+        image_io.save_grid(images[:64], os.path.join(out, "samples.png"), scale=2)
+        train_lib.console(f"wrote {len(images)} samples to {os.path.join(out, 'samples.npz')} and samples.png")
+    if evaluator is not None:
+        values = evaluator.fid_and_is(images)
+        report.print_fid(values)
+        report.write_json(os.path.join(out, "metrics.json"), values)
+
+
+def run(jax):
+    from diffusion_jax import checkpoints, figures, train_lib
+    from diffusion_jax import config as config_lib
+
+    config, params = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
+                                      which=FLAGS.params, config=FLAGS.config)
+    config = sampler_config(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    check_flags(config)
+    if FLAGS.batch_size % jax.device_count():
+        raise ValueError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
+    out = os.path.abspath(FLAGS.out)
+    os.makedirs(out, exist_ok=True)
+    if FLAGS.mode == "samples":
+        return samples(jax, config, params, out)
+    m, rng = figures.Model(config, params), jax.random.PRNGKey(FLAGS.seed)
+    if FLAGS.mode == "progressive":
+        written = figures.progressive(m, rng, out, FLAGS.num_samples)
+    elif FLAGS.mode == "interpolate":
+        written = figures.interpolate(m, rng, out, FLAGS.num_samples, FLAGS.num_interp)
+    elif FLAGS.mode == "interpolate_diffused":
+        t = config.diffusion.num_timesteps // 2 if FLAGS.t is None else FLAGS.t
+        written = figures.interpolate_diffused(m, rng, out, FLAGS.num_samples, FLAGS.num_interp, t)
+    else:
+        written = figures.reconstruct(m, out, FLAGS.num_samples)
+    train_lib.console("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,82 @@
+"""evaluate.py, sample.py --fid and evaluation during training, end to end with a random-weight Inception."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import scripts
+from diffusion_jax.evaluation import inception
+
+
+@pytest.fixture(scope="module")
+def fid_files(tmp_path_factory):
+    """Random Inception weights in the --convert format, and reference statistics of the digits' test split."""
+    directory = tmp_path_factory.mktemp("fid")
+    params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    weights = str(directory / "inception.npz")
+    np.savez(weights, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params["params"]).items()})
+    stats = str(directory / "digits_test.npz")
+    result = scripts.run("evaluate.py", "--mode=reference_stats", "--dataset=digits", "--split=test",
+                         f"--inception_weights={weights}", f"--reference_stats={stats}")
+    assert "computing the FID statistics of digits/test" in result.stdout
+    with np.load(stats) as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+    return weights, stats
+
+
+def test_sample_with_fid_then_evaluate_the_file(quickstart_workdir, fid_files, tmp_path):
+    weights, stats = fid_files
+    result = scripts.run("sample.py", f"--workdir={quickstart_workdir}", f"--out={tmp_path}", "--num_samples=20",
+                         "--batch_size=10", "--steps=10", "--fid", f"--inception_weights={weights}",
+                         f"--reference_stats={stats}")
+    assert "FID " in result.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["num_samples"] == 20
+    assert metrics["inception_score"] >= 1.0
+    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={tmp_path / 'samples.npz'}",
+                         f"--inception_weights={weights}", f"--reference_stats={stats}")
+    again = json.loads((tmp_path / "samples_metrics.json").read_text())
+    assert again["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+
+
+def test_nll_mode_writes_the_bound_and_the_rate_distortion_curve(quickstart_workdir, tmp_path):
+    result = scripts.run("evaluate.py", "--mode=nll", f"--workdir={quickstart_workdir}", f"--out={tmp_path}",
+                         "--num_images=8", "--batch_size=8")
+    assert "bits/dim" in result.stdout
+    values = json.loads((tmp_path / "nll.json").read_text())
+    assert values["num_images"] == 8 and 0 < values["nll_bpd"] < 8
+    with np.load(tmp_path / "rate_distortion.npz") as f:
+        assert f["rate"].shape == f["distortion"].shape == (1000,)
+        np.testing.assert_allclose(f["rate"][0], values["nll_bpd"], rtol=1e-5)
+    assert (tmp_path / "rate_distortion.png").stat().st_size > 0
+
+
+def test_training_evaluates_fid_and_nll_periodically(fid_files, tmp_path):
+    weights, stats = fid_files
+    result = scripts.run("train.py", f"--config={scripts.ROOT}/tests/tiny_config.py", f"--workdir={tmp_path}",
+                         "--config.train.num_steps=4", "--config.eval.every=2", "--config.eval.fid_samples=16",
+                         "--config.eval.nll_images=8", "--config.eval.batch_size=8",
+                         f"--config.eval.inception_weights={weights}", f"--config.eval.reference_stats={stats}")
+    lines = [line for line in result.stdout.splitlines() if "evaluation:" in line]
+    assert [line.split()[1] for line in lines] == ["2", "4"], result.stdout
+    assert all("fid " in line and "nll_bpd " in line for line in lines)
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(os.path.join(tmp_path, "tensorboard")).Reload()
+    assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode=fid"], "--mode=fid needs --samples"),
+    (["--mode=nll", "--samples=x.npz", "--out=o"], "--samples applies to --mode=fid"),
+    (["--mode=fid", "--samples=/nonexistent.npz"], "no sample file"),
+    (["--mode=reference_stats", "--dataset=lsun_cat"], "needs --image_size"),
+])
+def test_bad_evaluate_input_is_a_clear_error(args, message):
+    result = scripts.run("evaluate.py", *args, expect=2)
+    assert message in result.stderr

@@ -1,0 +1,87 @@
+"""FID and IS on a random-weight Inception: orderings and limits that hold for any weights; files and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scripts
+from diffusion_jax import input_pipeline
+from diffusion_jax.evaluation import fid, inception
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    return inception.Extractor(params["params"], batch_size=100)
+
+
+def fid_of(extractor, a, b):
+    sa, sb = fid.statistics(extractor(a)[0]), fid.statistics(extractor(b)[0])
+    return fid.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+
+
+def test_fid_ranks_a_shifted_copy_farther_than_another_half_of_the_same_set(extractor):
+    digits = input_pipeline.digits("train")[:200]
+    half_a, half_b = digits[:100], digits[100:]
+    shifted = np.clip(half_a.astype(np.int32) + 60, 0, 255).astype(np.uint8)
+    same_set = fid_of(extractor, half_a, half_b)
+    assert 0 < same_set < fid_of(extractor, half_a, shifted)
+
+
+def test_inception_score_of_one_class_is_one(extractor):
+    image = input_pipeline.digits("test")[:1]
+    _, logits = extractor(np.repeat(image, 20, axis=0))
+    mean, std = fid.inception_score(logits, splits=10)
+    assert abs(mean - 1.0) < 1e-6 and std < 1e-6
+
+
+def test_inception_score_grows_with_confident_distinct_classes():
+    logits = np.full((1008, 1008), -30.0)
+    np.fill_diagonal(logits, 30.0)  # every image a different, certain class
+    mean, _ = fid.inception_score(logits, splits=4)
+    np.testing.assert_allclose(mean, 252, rtol=1e-6)  # exp(log 252) in each part of 252 classes
+
+
+def test_frechet_distance_is_zero_for_equal_and_symmetric():
+    rng = np.random.default_rng(0)
+    s1, s2 = fid.statistics(rng.normal(size=(200, 16))), fid.statistics(rng.normal(size=(200, 16)) + 0.3)
+    assert abs(fid.frechet_distance(*s1, *s1)) < 1e-8
+    np.testing.assert_allclose(fid.frechet_distance(*s1, *s2), fid.frechet_distance(*s2, *s1), rtol=1e-9)
+    # for equal covariances only the means count
+    np.testing.assert_allclose(fid.frechet_distance(s1.mu, s1.sigma, s1.mu + 1.0, s1.sigma), 16.0, rtol=1e-6)
+
+
+def test_statistics_round_trip_and_bad_files(tmp_path):
+    stats = fid.statistics(np.random.default_rng(0).normal(size=(10, 4)))
+    fid.save_statistics(str(tmp_path / "s.npz"), stats)
+    back = fid.load_statistics(str(tmp_path / "s.npz"))
+    np.testing.assert_array_equal(back.sigma, stats.sigma)
+    np.savez(tmp_path / "bad.npz", mu=stats.mu)
+    with pytest.raises(ValueError, match="needs arrays 'mu' and 'sigma'"):
+        fid.load_statistics(str(tmp_path / "bad.npz"))
+
+
+def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="releases/download/fid_weights/pt_inception-2015-12-05"):
+        inception.weights_path(str(tmp_path / "nowhere.pth"))
+
+
+def test_weights_of_another_network_are_refused(tmp_path):
+    np.savez(tmp_path / "other.npz", **{"fc/kernel": np.zeros((2048, 1000), np.float32)})
+    with pytest.raises(ValueError, match="is not pytorch-fid's FID Inception"):
+        inception.load_params(str(tmp_path / "other.npz"))
+
+
+@pytest.mark.parametrize("array, problem", [
+    (np.zeros((4, 8, 8, 3), np.float32), "float32"),
+    (np.zeros((4, 8, 8), np.uint8), "shape (4, 8, 8)"),
+    (np.zeros((4, 8, 8, 4), np.uint8), "shape (4, 8, 8, 4)"),
+])
+def test_sample_files_must_be_uint8_nhwc(tmp_path, array, problem):
+    np.savez(tmp_path / "s.npz", array)
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        fid.load_samples(str(tmp_path / "s.npz"))
+    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={tmp_path / 's.npz'}", expect=2)
+    assert problem in result.stderr and "must be uint8 images" in result.stderr

@@ -1,0 +1,88 @@
+"""sample.py end to end on a quickstart workdir: outputs of each mode, resuming, bad input."""
+
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import scripts
+
+
+def sample(workdir, out, *args, expect=0):
+    return scripts.run("sample.py", f"--workdir={workdir}", f"--out={out}", *args, expect=expect)
+
+
+def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
+    result = sample(quickstart_workdir, tmp_path, "--num_samples=40", "--batch_size=16", "--steps=10")
+    images = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (40, 16, 16, 1)
+    assert len(np.unique(images.reshape(40, -1), axis=0)) == 40
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    assert sorted(os.listdir(tmp_path / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
+    assert "wrote 40 samples" in result.stdout
+    settings = json.loads((tmp_path / "sampling.json").read_text())
+    assert settings["sample"]["steps"] == 10 and settings["params"] == "ema"
+
+
+@pytest.mark.parametrize("mode, args, files", [
+    ("progressive", ["--num_samples=2"], ["progressive_xt.png", "progressive_x0.png"]),
+    ("interpolate", ["--num_samples=2", "--num_interp=4", "--steps=10"], ["interpolate.png"]),
+    ("interpolate_diffused", ["--num_samples=1", "--num_interp=3", "--t=20"], ["interpolate_diffused.png"]),
+    ("reconstruct", ["--num_samples=4", "--steps=20", "--noclip_x0"], ["reconstruct.png", "reconstruct.json"]),
+])
+def test_figure_modes_write_their_grids(quickstart_workdir, tmp_path, mode, args, files):
+    sample(quickstart_workdir, tmp_path, f"--mode={mode}", *args)
+    for name in files:
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_workdir, tmp_path):
+    args = ["--num_samples=1000", "--batch_size=100", "--steps=5", "--seed=3"]
+    sample(quickstart_workdir, tmp_path / "whole", *args)
+    expected = np.load(tmp_path / "whole" / "samples.npz")["arr_0"]
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(scripts.command("sample.py", f"--workdir={quickstart_workdir}", f"--out={out}", *args),
+                               env=scripts.environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # kill -9 once three shards are written, while the fourth is being made
+        if line.startswith("samples: 300/1000"):
+            break
+    time.sleep(0.05)
+    process.kill()
+    process.wait()
+    written = sorted(os.listdir(out / "shards"))
+    assert 3 <= len([f for f in written if f.endswith(".npz") and ".tmp" not in f]) < 10, written
+    assert not (out / "samples.npz").exists()
+    result = sample(quickstart_workdir, out, *args)
+    assert "samples: 1000/1000" in result.stdout
+    resumed = np.load(out / "samples.npz")["arr_0"]
+    np.testing.assert_array_equal(resumed, expected)
+    assert len(np.unique(resumed.reshape(1000, -1), axis=0)) == 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network"),
+    (["--sampler=ddpm", "--eta=0.5"], "sample.eta"),
+    (["--t=10"], "--t applies to --mode=interpolate_diffused"),
+    (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM"),
+    (["--fid", "--inception_weights=/nonexistent/pt_inception.pth"], "pt_inception-2015-12-05"),
+    (["--step=7"], "no checkpoint of step 7"),
+])
+def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message):
+    result = sample(quickstart_workdir, tmp_path, *args, expect=2)
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten"])
+def test_num_samples_must_be_a_positive_integer(quickstart_workdir, tmp_path, value):
+    result = sample(quickstart_workdir, tmp_path, f"--num_samples={value}", expect=1)
+    assert "--num_samples" in result.stderr
+
+
+def test_resuming_with_other_settings_is_refused(quickstart_workdir, tmp_path):
+    sample(quickstart_workdir, tmp_path, "--num_samples=8", "--batch_size=8", "--steps=5")
+    result = sample(quickstart_workdir, tmp_path, "--num_samples=8", "--batch_size=8", "--steps=6", expect=2)
+    assert "other settings" in result.stderr and "use a new --out" in result.stderr
