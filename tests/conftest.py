@@ -1,8 +1,13 @@
 """Fixtures shared by the test modules."""
 
 import pytest
+import triton  # noqa: F401  (before TensorFlow: see below)
 
 import scripts
+
+# torch 2.14.1's wheel brings triton, which diffusers loads through torch._dynamo; its
+# libtriton crashes the process (segfault) when it loads after TensorFlow's libraries, and
+# the parity tests need both in one process. Loaded first, both work.
 
 QUICKSTART_STEPS = 300
 
