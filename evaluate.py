@@ -103,8 +103,8 @@ def nll_mode(jax):
     from diffusion_jax import config as config_lib
     from diffusion_jax.evaluation import likelihood, report
 
-    config, params = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
-                                      which=FLAGS.params, config=FLAGS.config)
+    config, params, _ = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
+                                         which=FLAGS.params, config=FLAGS.config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     d = config.data
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)

@@ -62,17 +62,19 @@ flags.mark_flags_as_required(["out"])
 # flags that apply only to some modes or samplers
 MODE_FLAGS = {"num_interp": ("interpolate", "interpolate_diffused"), "t": ("interpolate_diffused",),
               "fid": ("samples",), "reference_stats": ("samples",), "inception_weights": ("samples",)}
-# the settings that make a set of samples; a resumed run must have the same
-RUN_KEYS = ("workdir", "checkpoint", "step", "params", "seed", "batch_size")
 
 
-def check_flags(config):
-    """ValueError for a flag that does not apply to the mode or sampler."""
+def check_mode_flags():
+    """ValueError for a flag that does not apply to the mode (before anything loads)."""
     for name, modes in MODE_FLAGS.items():
         if FLAGS[name].present and FLAGS.mode not in modes:
             raise ValueError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
-    if FLAGS.reference_stats and not FLAGS.fid or FLAGS.inception_weights and not FLAGS.fid:
+    if (FLAGS.reference_stats or FLAGS.inception_weights) and not FLAGS.fid:
         raise ValueError("--reference_stats and --inception_weights apply with --fid")
+
+
+def check_sampler_flags(config):
+    """ValueError for a sampler setting that does not apply to the mode."""
     s = config.sample
     if FLAGS.mode in ("interpolate", "reconstruct") and (s.sampler != "ddim" or s.eta != 0):
         raise ValueError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
@@ -130,15 +132,16 @@ def main(argv):
         sys.exit(2)
 
 
-def samples(jax, config, params, out: str):
+def samples(jax, loaded, out: str):
     """Mode samples: shards, then samples.npz and a grid of the first 64; FID and IS with --fid."""
     import numpy as np
     from jax.sharding import Mesh
 
     from diffusion_jax import image_io, sample_lib, train_lib
 
-    settings = {k: FLAGS[k].value for k in RUN_KEYS}
-    settings["sample"] = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")}
+    config, params = loaded.config, loaded.params
+    settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                    sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
     check_run_settings(out, settings)
     evaluator = None
     if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once
@@ -164,18 +167,19 @@ def run(jax):
     from diffusion_jax import checkpoints, figures, train_lib
     from diffusion_jax import config as config_lib
 
-    config, params = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
-                                      which=FLAGS.params, config=FLAGS.config)
-    config = sampler_config(config)
+    check_mode_flags()
+    loaded = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
+                              which=FLAGS.params, config=FLAGS.config)
+    config = sampler_config(loaded.config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    check_flags(config)
+    check_sampler_flags(config)
     if FLAGS.batch_size % jax.device_count():
         raise ValueError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
     out = os.path.abspath(FLAGS.out)
     os.makedirs(out, exist_ok=True)
     if FLAGS.mode == "samples":
-        return samples(jax, config, params, out)
-    m, rng = figures.Model(config, params), jax.random.PRNGKey(FLAGS.seed)
+        return samples(jax, loaded, out)
+    m, rng = figures.Model(config, loaded.params), jax.random.PRNGKey(FLAGS.seed)
     if FLAGS.mode == "progressive":
         written = figures.progressive(m, rng, out, FLAGS.num_samples)
     elif FLAGS.mode == "interpolate":

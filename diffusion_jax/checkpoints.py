@@ -3,13 +3,14 @@
 Two kinds of checkpoint hold a model: a training run's (``WORKDIR/checkpoints/STEP``, with
 the run's config, raw and EMA parameters) and ``convert.py``'s output (one set of
 parameters and the network's shape, no diffusion settings). Both come back as the same
-``(config, params)``: the config of a training checkpoint is the run's; that of a converted
+``(config, params, source)``: the config of a training checkpoint is the run's; that of a converted
 one is the given config with the network and image shape of the checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -18,6 +19,12 @@ from diffusion_jax import config as config_lib
 from diffusion_jax import convert, train_lib
 
 PARAMS = ("ema", "raw")
+
+
+class Loaded(NamedTuple):
+    config: Any  # ml_collections.ConfigDict
+    params: Any
+    source: str  # what was loaded: WORKDIR/checkpoints/STEP (ema or raw) or a converted checkpoint's path
 
 
 def _kind(path: str) -> str:
@@ -49,7 +56,8 @@ def _training(workdir: str, step: int | None, which: str, config):
             train_lib.check_resume_compatible(config, saved)
         abstract = train_lib.Trainer(config).abstract_state()
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    return config, state.ema_params if which == "ema" else state.params
+    return Loaded(config, state.ema_params if which == "ema" else state.params,
+                  f"{os.path.join(directory, str(step))} ({which})")
 
 
 def _converted(path: str, which: str, config):
@@ -67,12 +75,12 @@ def _converted(path: str, which: str, config):
     config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
                         attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv, dropout=0.0)
     config.data.image_size = image_shape[0]
-    return config, params
+    return Loaded(config, params, path)
 
 
 def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
-         which: str = "ema", config=None):
-    """(config, params) of ``workdir``'s checkpoint (the latest, or ``step``) or of ``checkpoint``.
+         which: str = "ema", config=None) -> Loaded:
+    """The config and params of ``workdir``'s checkpoint (the latest, or ``step``) or of ``checkpoint``.
 
     ``which`` is 'ema' or 'raw' (training checkpoints only). ``config``, if given, supplies the
     diffusion and sampling settings and must describe the checkpoint's network.

@@ -61,7 +61,8 @@ class Generator:
         d = self.config.data
         return (num, d.image_size, d.image_size, d.channels)
 
-    def _function(self, num: int):
+    def compiled(self, num: int):
+        """The jitted sampler of ``num`` images: (params, rng, index) -> images in [-1, 1]."""
         if num not in self._compiled:
             shape = self._shape(num)
             out = NamedSharding(self.mesh, P("data")) if num % self.mesh.size == 0 else self.replicated
@@ -77,7 +78,7 @@ class Generator:
 
     def __call__(self, params, num: int, rng, index: int = 0) -> np.ndarray:
         """Batch ``index``: ``num`` uint8 NHWC images, on every process."""
-        images = self._function(num)(params, rng, np.int32(index))
+        images = self.compiled(num)(params, rng, np.int32(index))
         return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
 
 

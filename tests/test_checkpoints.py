@@ -14,7 +14,7 @@ QUICKSTART = f"--config={scripts.ROOT}/configs/quickstart.py"
 
 def converted(workdir, directory):
     """The EMA params of a quickstart run, saved as convert.py saves."""
-    config, params = checkpoints.load(workdir=workdir)
+    config, params, _ = checkpoints.load(workdir=workdir)
     unet = train_lib.make_model(config)
     kwargs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet) if f.name not in ("parent", "name",
                                                                                                 "dropout", "dtype")}

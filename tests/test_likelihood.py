@@ -69,7 +69,7 @@ def test_bound_of_the_exact_gaussian_denoiser_matches_its_closed_form(var_type):
 
 
 def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_workdir):
-    config, params = checkpoints.load(workdir=quickstart_workdir)
+    config, params, _ = checkpoints.load(workdir=quickstart_workdir)
     d = config.data
     images = train_lib.input_pipeline.load(d.name, d.eval_split, image_size=d.image_size)[:16]
     rng = jax.random.PRNGKey(0)

@@ -24,7 +24,7 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     assert sorted(os.listdir(tmp_path / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
     assert "wrote 40 samples" in result.stdout
     settings = json.loads((tmp_path / "sampling.json").read_text())
-    assert settings["sample"]["steps"] == 10 and settings["params"] == "ema"
+    assert settings["sample"]["steps"] == 10 and settings["model"].endswith("checkpoints/300 (ema)")
 
 
 @pytest.mark.parametrize("mode, args, files", [
