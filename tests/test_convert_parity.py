@@ -12,16 +12,10 @@ import torch
 from diffusers import UNet2DModel
 
 from diffusion_jax import convert
+from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
 from diffusion_jax.models.unet import UNet
 
-# google/ddpm-cifar10-32's config.json (the DDPM CIFAR-10 network)
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_eps=1e-6, norm_num_groups=32, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
-    attention_head_dim=None, act_fn="silu", time_embedding_type="positional",
-)
+CIFAR10 = DIFFUSERS_CIFAR10
 # a small network with a learned-variance head (2C outputs)
 SMALL = dict(CIFAR10, sample_size=16, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
