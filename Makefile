@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench compare clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python train.py --config=configs/quickstart.py --workdir=out/quickstart
@@ -27,6 +27,9 @@ $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.samplers
 	$(BIN)/python -m benchmarks.train_loop --steps 16
+
+compare: $(VENV)/.test
+	$(BIN)/python -m benchmarks.compare
 
 clean:
 	rm -rf $(VENV) out

@@ -1,0 +1,124 @@
+"""diffusion-jax against its PyTorch peers on this machine, measured alternately in one run.
+
+    python -m benchmarks.compare [--reps 5] [--long-reps 1] [--torch-compile] [--json benchmarks/results.json]
+
+For the DDPM CIFAR-10 network (35.7M parameters): forward at batch 64; a full training step
+(forward, backward, clipping, Adam, EMA) at batch 16 and 32; DDIM-50 sampling of 64 images end
+to end (sample.py's path against diffusers' DDIMPipeline); Inception features of 1,000 32x32
+images (the Flax port against pytorch-fid). Each workload runs in a process of its own per
+framework (so that its peak resident memory is its own), both set up and warmed up, then
+timed alternately: jax, torch, jax, torch, ...; the figure is the median. torch uses 2
+threads, as XLA's CPU backend does on this 2-core machine. The two long workloads (DDIM-50,
+FID features) take --long-reps repetitions and warm up on less work (see workers.py). GFLOP/s
+come from XLA's cost analysis of the compiled program, as a fraction of the fp32 matmul rate
+measured here (2048^3, JAX). Peak resident memory (RSS) is each worker's peak over its warm-up
+and runs, after set-up and compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+# (workload, images per run, label)
+WORKLOADS = [
+    ("forward64", 64, "forward, batch 64"),
+    ("train16", 16, "train step, batch 16"),
+    ("train32", 32, "train step, batch 32"),
+    ("ddim50", 64, "DDIM-50, 64 images, end to end"),
+    ("fid1000", 1000, "FID features, 1000 images 32x32"),
+]
+LONG = ("ddim50", "fid1000")
+
+
+class Worker:
+    def __init__(self, framework: str, workload: str):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, workload],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.process.args[3:]} died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def run(self) -> float:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> float:
+        self.process.stdin.write("exit\n")
+        self.process.stdin.flush()
+        peak = self._read()["peak_rss_mb"]
+        self.process.wait()
+        return peak
+
+
+def measure(workload: str, reps: int, frameworks=("jax", "torch")) -> dict:
+    workers = {}
+    for framework in frameworks:  # one at a time: set-up and compiling are not timed against each other
+        workers[framework] = Worker(framework, workload)
+    times = {f: [] for f in frameworks}
+    for _ in range(reps):
+        for framework in frameworks:
+            times[framework].append(workers[framework].run())
+    return {f: dict(workers[f].ready, times=times[f], median_s=statistics.median(times[f]),
+                    peak_rss_mb=workers[f].close()) for f in frameworks}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the short workloads")
+    parser.add_argument("--long-reps", type=int, default=1, help="timed repetitions of DDIM-50 and FID features")
+    parser.add_argument("--torch-compile", action="store_true", help="also diffusers' forward under torch.compile")
+    parser.add_argument("--only", nargs="*", default=None, help="a subset of the workloads")
+    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the figures")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    peak = measure("matmul", args.reps)
+    matmul_gflops = {f: peak[f]["flops"] / peak[f]["median_s"] / 1e9 for f in peak}
+    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{os.cpu_count()} cores", "matmul_gflops": matmul_gflops, "workloads": {}}
+    print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, torch {matmul_gflops['torch']:.1f} GFLOP/s")
+    header = (f"{'workload':34} {'diffusion-jax':>13} {'peer':>9} {'ratio':>6} {'compile s':>9} "
+              f"{'GFLOP/s':>8} {'% peak':>6} {'RSS MB jax/peer':>16}")
+    rows = []
+    for workload, images, label in WORKLOADS:
+        if args.only and workload not in args.only:
+            continue
+        start = time.perf_counter()
+        m = measure(workload, args.long_reps if workload in LONG else args.reps)
+        jax_rate, torch_rate = images / m["jax"]["median_s"], images / m["torch"]["median_s"]
+        gflops = m["jax"]["flops"] / m["jax"]["median_s"] / 1e9 if m["jax"]["flops"] else None
+        results["workloads"][workload] = dict(m, label=label, images_per_s={"jax": jax_rate, "torch": torch_rate},
+                                              ratio=jax_rate / torch_rate, gflops=gflops,
+                                              wall_s=time.perf_counter() - start)
+        rows.append(f"{label:34} {jax_rate:9.2f} img/s {torch_rate:6.2f} {jax_rate / torch_rate:6.2f} "
+                    f"{m['jax']['compile_s']:9.1f} {gflops or float('nan'):8.1f} "
+                    f"{100 * gflops / matmul_gflops['jax'] if gflops else float('nan'):6.1f} "
+                    f"{m['jax']['peak_rss_mb']:7.0f}/{m['torch']['peak_rss_mb']:<7.0f}")
+        print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+    if args.torch_compile:
+        start = time.perf_counter()
+        m = measure("forward64_compiled", args.reps, frameworks=("torch",))["torch"]
+        results["workloads"]["forward64_torch_compile"] = dict(m, wall_s=time.perf_counter() - start)
+        print(f"diffusers forward, batch 64, torch.compile: {64 / m['median_s']:.2f} img/s "
+              f"(compiling {m['compile_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB)")
+    results["wall_s"] = time.perf_counter() - started
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"{results['wall_s'] / 60:.1f} min; figures in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

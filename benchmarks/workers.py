@@ -1,0 +1,227 @@
+"""One workload of benchmarks/compare.py in one process: diffusion-jax's or its peer's (diffusers, pytorch-fid).
+
+    python -m benchmarks.workers {jax,torch} WORKLOAD
+
+Protocol on stdin/stdout, one JSON object a line: after set-up and a warm-up call the
+worker prints {"ready": ..., "compile_s": ..., "flops": ...}; each "run" line runs the
+workload once and prints {"seconds": ...}; "exit" prints {"peak_rss_mb": ...} and exits.
+The peak resident memory is that of the warm-up and the runs: the peak is reset after set-up
+(imports, model, compiling), so it counts what stays resident (libraries, weights, state)
+and what a run adds, not the compiler's own peak. After set-up and after each run the worker
+hands glibc's free memory back to the system (malloc_trim), outside the timed region: an idle
+peer that kept ~1.3 GB of freed heap made the other framework's next train step 25-35% slower
+on this machine (JAX 3.9 s alone, 5.3 s after a diffusers step; 3.9 s with the trim).
+
+The long workloads warm up on less work (DDIM: one step; FID: one batch); JAX's DDIM loop is
+compiled ahead of time into a throw-away persistent cache, from which its first run loads it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+WORKLOADS = ("forward64", "forward64_compiled", "train16", "train32", "ddim50", "fid1000", "matmul")
+DDIM_IMAGES, FID_IMAGES = 64, 1000
+
+
+def _cifar10_config():
+    sys.path.insert(0, ".")
+    from configs import cifar10
+
+    config = cifar10.get_config()
+    config.sample.update(sampler="ddim", steps=50, spacing="uniform", eta=0.0, clip_x0=True)
+    return config
+
+
+def _images(n, size=32):
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's count of peak resident memory (VmHWM) from the current size (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _release_free_memory() -> None:
+    """Hand the allocator's free memory back to the system (glibc), outside the timed region."""
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def jax_workload(name):
+    """(run, warm-up or None for ``run``, compile seconds, FLOPs of one run by XLA's cost analysis)."""
+    import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import sample_lib, train_lib
+    from diffusion_jax.evaluation import inception
+
+    def compiled(fn, *args):
+        start = time.perf_counter()
+        exe = jax.jit(fn).lower(*args).compile()
+        cost = exe.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return exe, time.perf_counter() - start, float(cost.get("flops", 0.0))
+
+    if name == "matmul":
+        a = jnp.asarray(np.random.default_rng(0).normal(size=(2048, 2048)), jnp.float32)
+        exe, seconds, flops = compiled(jnp.matmul, a, a)
+        return (lambda: exe(a, a).block_until_ready()), None, seconds, flops
+    config = _cifar10_config()
+    if name == "fid1000":
+        params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+        extractor, images = inception.Extractor(params["params"]), _images(FID_IMAGES)
+        batch = jnp.asarray(images[:extractor.batch_size])
+        _, seconds, flops = compiled(inception.InceptionV3().apply, params, batch)
+        return (lambda: extractor(images)), (lambda: extractor(images[:extractor.batch_size])), seconds, \
+            flops * FID_IMAGES / extractor.batch_size
+    trainer = train_lib.Trainer(config)
+    if name == "forward64":
+        params = trainer.init(jax.random.PRNGKey(0)).params
+        x, t = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32), jnp.arange(64) * 15
+        exe, seconds, flops = compiled(lambda p, x, t: trainer.model.apply({"params": p}, x, t), params, x, t)
+        return (lambda: exe(params, x, t).block_until_ready()), None, seconds, flops
+    if name.startswith("train"):
+        batch_size = int(name[len("train"):])
+        config.train.batch_size = batch_size
+        trainer = train_lib.Trainer(config)
+        box = [trainer.init(jax.random.PRNGKey(0))]
+        batch = trainer.global_batch(_images(batch_size).astype(np.float32) / 127.5 - 1)
+        rng = jax.random.PRNGKey(1)
+        start = time.perf_counter()
+        exe = trainer.step.lower(box[0], batch, rng).compile()
+        seconds = time.perf_counter() - start
+        cost = exe.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+
+        def run():
+            box[0], metrics = exe(box[0], batch, rng)
+            jax.block_until_ready(metrics)
+
+        return run, None, seconds, flops
+    if name == "ddim50":
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddim50-cache-"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        params = trainer.init(jax.random.PRNGKey(0)).params
+        rng = jax.random.PRNGKey(2)
+        start = time.perf_counter()
+        exe = trainer.generate.compiled(DDIM_IMAGES).lower(params, rng, np.int32(0)).compile()
+        seconds = time.perf_counter() - start
+        cost = exe.cost_analysis()
+        steps = config.sample.steps  # XLA counts a loop's body once
+        flops = steps * float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        return (lambda: trainer.generate(params, DDIM_IMAGES, rng, 0)), (lambda: None), seconds, flops
+    raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
+
+
+def torch_workload(name):
+    """The same work in PyTorch: diffusers' UNet2DModel (google/ddpm-cifar10-32's config) or pytorch-fid."""
+    import torch
+
+    torch.set_num_threads(2)
+    if name == "matmul":
+        a = torch.randn(2048, 2048)
+        return (lambda: torch.matmul(a, a)), None, 0.0, 2 * 2048 ** 3
+    if name == "fid1000":
+        from pytorch_fid import inception as pytorch_fid_inception
+
+        state = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
+        pytorch_fid_inception.load_state_dict_from_url = lambda *a, **k: state  # random weights, same work
+        model = pytorch_fid_inception.InceptionV3([3]).eval()
+        images = torch.from_numpy(_images(FID_IMAGES)).permute(0, 3, 1, 2).float() / 255
+
+        def run(num=FID_IMAGES):
+            with torch.no_grad():
+                for start in range(0, num, 200):  # pytorch-fid's default batch is 50; 200 as ours
+                    model(images[start:start + 200])
+
+        return run, (lambda: run(200)), 0.0, 0.0
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**DIFFUSERS_CIFAR10, dropout=0.1)
+    if name in ("forward64", "forward64_compiled"):
+        model.eval()
+        x, t = torch.randn(64, 3, 32, 32), torch.arange(64) * 15
+        forward = torch.compile(model) if name == "forward64_compiled" else model
+        start = time.perf_counter()
+        if name == "forward64_compiled":
+            with torch.no_grad():
+                forward(x, t)
+        seconds = time.perf_counter() - start
+
+        def run():
+            with torch.no_grad():
+                forward(x, t)
+
+        return run, None, seconds, 0.0
+    if name.startswith("train"):
+        batch_size = int(name[len("train"):])
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        model.train()
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+        ema = EMAModel(model.parameters(), decay=0.9999)
+        x0 = torch.from_numpy(_images(batch_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+        def run():
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (batch_size,))
+            loss = torch.nn.functional.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            ema.step(model.parameters())
+
+        return run, None, 0.0, 0.0
+    if name == "ddim50":
+        model.eval()
+        pipeline = DDIMPipeline(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=True))
+        pipeline.set_progress_bar_config(disable=True)
+        def run(steps=50):
+            pipeline(batch_size=DDIM_IMAGES, num_inference_steps=steps, eta=0.0, output_type="np")
+
+        return run, (lambda: run(1)), 0.0, 0.0
+    raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
+
+
+def main():
+    framework, name = sys.argv[1:3]
+    run, warmup, compile_s, flops = (jax_workload if framework == "jax" else torch_workload)(name)
+    _release_free_memory()
+    _reset_peak_rss()
+    start = time.perf_counter()
+    (warmup or run)()
+    warmup = time.perf_counter() - start
+    print(json.dumps({"ready": True, "compile_s": compile_s, "warmup_s": warmup, "flops": flops}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            start = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - start
+            _release_free_memory()
+            print(json.dumps({"seconds": seconds}), flush=True)
+        else:
+            break
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
