@@ -76,6 +76,8 @@ def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_
     trained = likelihood.nll(config, params, images, rng, batch_size=16)
     untrained_params = train_lib.Trainer(config).init(jax.random.PRNGKey(0)).params
     untrained = likelihood.nll(config, untrained_params, images, rng, batch_size=16)
+    print(f"quickstart NLL on 16 test digits: trained {trained.mean:.3f} +- {trained.stderr:.3f} bits/dim, "
+          f"untrained {untrained.mean:.3f} +- {untrained.stderr:.3f}")
     assert np.all(np.isfinite(trained.bpd)) and np.all(np.isfinite(untrained.bpd))
     assert trained.mean + 5 * trained.stderr < untrained.mean, (trained.mean, untrained.mean)
     assert trained.terms.shape == trained.rmse.shape == (config.diffusion.num_timesteps,)
