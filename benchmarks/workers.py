@@ -18,8 +18,10 @@ compiled ahead of time into a throw-away persistent cache, from which its first 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -65,33 +67,36 @@ def jax_workload(name):
     import jax
     import jax.numpy as jnp
 
-    from diffusion_jax import sample_lib, train_lib
+    from diffusion_jax import train_lib
     from diffusion_jax.evaluation import inception
 
-    def compiled(fn, *args):
+    def compiled(jitted, *args):
+        """(executable, compile seconds, FLOPs by XLA's cost analysis)."""
         start = time.perf_counter()
-        exe = jax.jit(fn).lower(*args).compile()
+        exe = jitted.lower(*args).compile()
+        seconds = time.perf_counter() - start
         cost = exe.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        return exe, time.perf_counter() - start, float(cost.get("flops", 0.0))
+        return exe, seconds, float(cost.get("flops", 0.0))
 
     if name == "matmul":
         a = jnp.asarray(np.random.default_rng(0).normal(size=(2048, 2048)), jnp.float32)
-        exe, seconds, flops = compiled(jnp.matmul, a, a)
+        exe, seconds, flops = compiled(jax.jit(jnp.matmul), a, a)
         return (lambda: exe(a, a).block_until_ready()), None, seconds, flops
     config = _cifar10_config()
     if name == "fid1000":
         params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
         extractor, images = inception.Extractor(params["params"]), _images(FID_IMAGES)
         batch = jnp.asarray(images[:extractor.batch_size])
-        _, seconds, flops = compiled(inception.InceptionV3().apply, params, batch)
+        _, seconds, flops = compiled(jax.jit(inception.InceptionV3().apply), params, batch)
         return (lambda: extractor(images)), (lambda: extractor(images[:extractor.batch_size])), seconds, \
             flops * FID_IMAGES / extractor.batch_size
     trainer = train_lib.Trainer(config)
     if name == "forward64":
         params = trainer.init(jax.random.PRNGKey(0)).params
         x, t = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32), jnp.arange(64) * 15
-        exe, seconds, flops = compiled(lambda p, x, t: trainer.model.apply({"params": p}, x, t), params, x, t)
+        forward = jax.jit(lambda p, x, t: trainer.model.apply({"params": p}, x, t))
+        exe, seconds, flops = compiled(forward, params, x, t)
         return (lambda: exe(params, x, t).block_until_ready()), None, seconds, flops
     if name.startswith("train"):
         batch_size = int(name[len("train"):])
@@ -100,11 +105,7 @@ def jax_workload(name):
         box = [trainer.init(jax.random.PRNGKey(0))]
         batch = trainer.global_batch(_images(batch_size).astype(np.float32) / 127.5 - 1)
         rng = jax.random.PRNGKey(1)
-        start = time.perf_counter()
-        exe = trainer.step.lower(box[0], batch, rng).compile()
-        seconds = time.perf_counter() - start
-        cost = exe.cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        exe, seconds, flops = compiled(trainer.step, box[0], batch, rng)
 
         def run():
             box[0], metrics = exe(box[0], batch, rng)
@@ -112,16 +113,14 @@ def jax_workload(name):
 
         return run, None, seconds, flops
     if name == "ddim50":
-        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ddim50-cache-"))
+        cache = tempfile.mkdtemp(prefix="ddim50-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng = jax.random.PRNGKey(2)
-        start = time.perf_counter()
-        exe = trainer.generate.compiled(DDIM_IMAGES).lower(params, rng, np.int32(0)).compile()
-        seconds = time.perf_counter() - start
-        cost = exe.cost_analysis()
-        steps = config.sample.steps  # XLA counts a loop's body once
-        flops = steps * float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        _, seconds, flops = compiled(trainer.generate.compiled(DDIM_IMAGES), params, rng, np.int32(0))
+        flops *= config.sample.steps  # XLA counts a loop's body once
         return (lambda: trainer.generate(params, DDIM_IMAGES, rng, 0)), (lambda: None), seconds, flops
     raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
 
