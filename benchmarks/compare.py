@@ -27,13 +27,15 @@ import subprocess
 import sys
 import time
 
-# (workload, images per run, label)
+from benchmarks.workers import IMAGES
+
+# (workload, label); the images per run are workers.IMAGES
 WORKLOADS = [
-    ("forward64", 64, "forward, batch 64"),
-    ("train16", 16, "train step, batch 16"),
-    ("train32", 32, "train step, batch 32"),
-    ("ddim50", 64, "DDIM-50, 64 images, end to end"),
-    ("fid1000", 1000, "FID features, 1000 images 32x32"),
+    ("forward64", "forward, batch 64"),
+    ("train16", "train step, batch 16"),
+    ("train32", "train step, batch 32"),
+    ("ddim50", "DDIM-50, 64 images, end to end"),
+    ("fid1000", "FID features, 1000 images 32x32"),
 ]
 LONG = ("ddim50", "fid1000")
 
@@ -89,30 +91,31 @@ def main():
     matmul_gflops = {f: peak[f]["flops"] / peak[f]["median_s"] / 1e9 for f in peak}
     results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores", "matmul_gflops": matmul_gflops, "workloads": {}}
-    print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, torch {matmul_gflops['torch']:.1f} GFLOP/s")
+    print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, torch {matmul_gflops['torch']:.1f} GFLOP/s",
+          flush=True)
     header = (f"{'workload':34} {'diffusion-jax':>13} {'peer':>9} {'ratio':>6} {'compile s':>9} "
               f"{'GFLOP/s':>8} {'% peak':>6} {'RSS MB jax/peer':>16}")
-    rows = []
-    for workload, images, label in WORKLOADS:
+    print(header, flush=True)
+    for workload, label in WORKLOADS:
         if args.only and workload not in args.only:
             continue
         start = time.perf_counter()
         m = measure(workload, args.long_reps if workload in LONG else args.reps)
+        images = IMAGES[workload]
         jax_rate, torch_rate = images / m["jax"]["median_s"], images / m["torch"]["median_s"]
         gflops = m["jax"]["flops"] / m["jax"]["median_s"] / 1e9 if m["jax"]["flops"] else None
         results["workloads"][workload] = dict(m, label=label, images_per_s={"jax": jax_rate, "torch": torch_rate},
                                               ratio=jax_rate / torch_rate, gflops=gflops,
                                               wall_s=time.perf_counter() - start)
-        rows.append(f"{label:34} {jax_rate:9.2f} img/s {torch_rate:6.2f} {jax_rate / torch_rate:6.2f} "
-                    f"{m['jax']['compile_s']:9.1f} {gflops or float('nan'):8.1f} "
-                    f"{100 * gflops / matmul_gflops['jax'] if gflops else float('nan'):6.1f} "
-                    f"{m['jax']['peak_rss_mb']:7.0f}/{m['torch']['peak_rss_mb']:<7.0f}")
-        print(rows[-1] if len(rows) > 1 else header + "\n" + rows[-1], flush=True)
+        print(f"{label:34} {jax_rate:9.2f} img/s {torch_rate:6.2f} {jax_rate / torch_rate:6.2f} "
+              f"{m['jax']['compile_s']:9.1f} {gflops or float('nan'):8.1f} "
+              f"{100 * gflops / matmul_gflops['jax'] if gflops else float('nan'):6.1f} "
+              f"{m['jax']['peak_rss_mb']:7.0f}/{m['torch']['peak_rss_mb']:<7.0f}", flush=True)
     if args.torch_compile:
         start = time.perf_counter()
         m = measure("forward64_compiled", args.reps, frameworks=("torch",))["torch"]
         results["workloads"]["forward64_torch_compile"] = dict(m, wall_s=time.perf_counter() - start)
-        print(f"diffusers forward, batch 64, torch.compile: {64 / m['median_s']:.2f} img/s "
+        print(f"diffusers forward, batch 64, torch.compile: {IMAGES['forward64_compiled'] / m['median_s']:.2f} img/s "
               f"(compiling {m['compile_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB)")
     results["wall_s"] = time.perf_counter() - started
     with open(args.json, "w") as f:

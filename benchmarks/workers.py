@@ -28,8 +28,9 @@ import time
 
 import numpy as np
 
-WORKLOADS = ("forward64", "forward64_compiled", "train16", "train32", "ddim50", "fid1000", "matmul")
-DDIM_IMAGES, FID_IMAGES = 64, 1000
+# images per run of each workload (benchmarks/compare.py reads it too)
+IMAGES = {"forward64": 64, "forward64_compiled": 64, "train16": 16, "train32": 32, "ddim50": 64, "fid1000": 1000}
+WORKLOADS = (*IMAGES, "matmul")
 
 
 def _cifar10_config():
@@ -86,20 +87,21 @@ def jax_workload(name):
     config = _cifar10_config()
     if name == "fid1000":
         params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
-        extractor, images = inception.Extractor(params["params"]), _images(FID_IMAGES)
+        extractor, images = inception.Extractor(params["params"]), _images(IMAGES[name])
         batch = jnp.asarray(images[:extractor.batch_size])
         _, seconds, flops = compiled(jax.jit(inception.InceptionV3().apply), params, batch)
         return (lambda: extractor(images)), (lambda: extractor(images[:extractor.batch_size])), seconds, \
-            flops * FID_IMAGES / extractor.batch_size
+            flops * IMAGES[name] / extractor.batch_size
     trainer = train_lib.Trainer(config)
     if name == "forward64":
         params = trainer.init(jax.random.PRNGKey(0)).params
-        x, t = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), jnp.float32), jnp.arange(64) * 15
+        n = IMAGES[name]
+        x, t = jnp.asarray(np.random.default_rng(0).normal(size=(n, 32, 32, 3)), jnp.float32), jnp.arange(n) * 15
         forward = jax.jit(lambda p, x, t: trainer.model.apply({"params": p}, x, t))
         exe, seconds, flops = compiled(forward, params, x, t)
         return (lambda: exe(params, x, t).block_until_ready()), None, seconds, flops
     if name.startswith("train"):
-        batch_size = int(name[len("train"):])
+        batch_size = IMAGES[name]
         config.train.batch_size = batch_size
         trainer = train_lib.Trainer(config)
         box = [trainer.init(jax.random.PRNGKey(0))]
@@ -119,9 +121,9 @@ def jax_workload(name):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng = jax.random.PRNGKey(2)
-        _, seconds, flops = compiled(trainer.generate.compiled(DDIM_IMAGES), params, rng, np.int32(0))
+        _, seconds, flops = compiled(trainer.generate.compiled(IMAGES[name]), params, rng, np.int32(0))
         flops *= config.sample.steps  # XLA counts a loop's body once
-        return (lambda: trainer.generate(params, DDIM_IMAGES, rng, 0)), (lambda: None), seconds, flops
+        return (lambda: trainer.generate(params, IMAGES[name], rng, 0)), (lambda: None), seconds, flops
     raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
 
 
@@ -139,9 +141,9 @@ def torch_workload(name):
         state = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
         pytorch_fid_inception.load_state_dict_from_url = lambda *a, **k: state  # random weights, same work
         model = pytorch_fid_inception.InceptionV3([3]).eval()
-        images = torch.from_numpy(_images(FID_IMAGES)).permute(0, 3, 1, 2).float() / 255
+        images = torch.from_numpy(_images(IMAGES[name])).permute(0, 3, 1, 2).float() / 255
 
-        def run(num=FID_IMAGES):
+        def run(num=IMAGES[name]):
             with torch.no_grad():
                 for start in range(0, num, 200):  # pytorch-fid's default batch is 50; 200 as ours
                     model(images[start:start + 200])
@@ -155,13 +157,13 @@ def torch_workload(name):
     model = UNet2DModel(**DIFFUSERS_CIFAR10, dropout=0.1)
     if name in ("forward64", "forward64_compiled"):
         model.eval()
-        x, t = torch.randn(64, 3, 32, 32), torch.arange(64) * 15
-        forward = torch.compile(model) if name == "forward64_compiled" else model
-        start = time.perf_counter()
+        x, t = torch.randn(IMAGES[name], 3, 32, 32), torch.arange(IMAGES[name]) * 15
+        forward, seconds = model, 0.0
         if name == "forward64_compiled":
+            forward, start = torch.compile(model), time.perf_counter()
             with torch.no_grad():
                 forward(x, t)
-        seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
 
         def run():
             with torch.no_grad():
@@ -169,7 +171,7 @@ def torch_workload(name):
 
         return run, None, seconds, 0.0
     if name.startswith("train"):
-        batch_size = int(name[len("train"):])
+        batch_size = IMAGES[name]
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
@@ -194,8 +196,9 @@ def torch_workload(name):
         model.eval()
         pipeline = DDIMPipeline(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=True))
         pipeline.set_progress_bar_config(disable=True)
+
         def run(steps=50):
-            pipeline(batch_size=DDIM_IMAGES, num_inference_steps=steps, eta=0.0, output_type="np")
+            pipeline(batch_size=IMAGES[name], num_inference_steps=steps, eta=0.0, output_type="np")
 
         return run, (lambda: run(1)), 0.0, 0.0
     raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
