@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral sampling, generalized DDIM, DDIM inversion and interpolation.
+"""Samplers: DDPM ancestral sampling, generalized DDIM, DPM-Solver++, DDIM inversion and interpolation.
 
 Every sampler takes a denoiser ``model_fn(x_t, t)`` (integer ``t`` [B] on the original
 [0, T) scale), a :class:`~diffusion_jax.schedule.Schedule` and the model's ``mean_type`` and
@@ -25,6 +25,7 @@ import numpy as np
 from diffusion_jax import schedule as sch
 
 SPACINGS = ("uniform", "quad", "trailing", "linspace")
+DPM_SOLVER_SKIPS = ("logSNR", "time_uniform", "time_quadratic")
 
 
 class Samples(NamedTuple):
@@ -88,14 +89,16 @@ def _eps_and_x0(model_fn, sched, x, t, *, mean_type, var_type, clip_x0):
     mean_out, _ = sch.split_model_output(model_fn(x, t), x, var_type)
     if mean_type == "eps" and not clip_x0:
         return mean_out, sch.predict_x0_from_eps(sched, x, t, mean_out)
+    if mean_type == "v" and not clip_x0:
+        return sch.predict_eps_from_v(sched, x, t, mean_out), sch.predict_x0_from_v(sched, x, t, mean_out)
     pred_x0 = sch.predict_x0(sched, x, t, mean_out, mean_type)
     if clip_x0:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     return sch.predict_eps_from_x0(sched, x, t, pred_x0), pred_x0
 
 
-def _reverse_loop(step, x_T, timesteps: np.ndarray, record: Sequence[int]) -> Samples:
-    """Runs ``step(x, i) -> (x_prev, pred_x0)`` for i = n-1, ..., 0 in one scan, recording."""
+def _reverse_loop(step, x_T, timesteps: np.ndarray, record: Sequence[int], state=()) -> Samples:
+    """Runs ``step(x, state, i) -> (x_prev, state, pred_x0)`` for i = n-1, ..., 0 in one scan, recording."""
     record = list(record)
     missing = [r for r in record if r not in set(timesteps.tolist())]
     if missing:
@@ -107,15 +110,15 @@ def _reverse_loop(step, x_T, timesteps: np.ndarray, record: Sequence[int]) -> Sa
     buffer = jnp.zeros((len(record),) + x_T.shape, x_T.dtype)
 
     def body(carry, i):
-        x, xs, x0s = carry
-        x_prev, pred_x0 = step(x, i)
+        x, state, xs, x0s = carry
+        x_prev, state, pred_x0 = step(x, state, i)
         if record:
             xs = xs.at[slot[i]].set(x, mode="drop")
             x0s = x0s.at[slot[i]].set(pred_x0, mode="drop")
-        return (x_prev, xs, x0s), None
+        return (x_prev, state, xs, x0s), None
 
     indices = jnp.arange(len(timesteps) - 1, -1, -1, dtype=jnp.int32)
-    (images, xs, x0s), _ = jax.lax.scan(body, (x_T, buffer, buffer), indices)
+    (images, _, xs, x0s), _ = jax.lax.scan(body, (x_T, state, buffer, buffer), indices)
     return Samples(images, xs, x0s)
 
 
@@ -148,14 +151,14 @@ def ddpm_sample(
     model_t = jnp.asarray(steps)
     batch = x_T.shape[0]
 
-    def step(x, i):
+    def step(x, state, i):
         out = model_fn(x, jnp.full((batch,), model_t[i], jnp.int32))
         p = sch.p_mean_variance(
             chain, out, x, jnp.full((batch,), i, jnp.int32), mean_type=mean_type, var_type=var_type,
             clip_x0=clip_x0,
         )
         noise = jax.random.normal(jax.random.fold_in(rng, model_t[i]), x.shape, x.dtype)
-        return p.mean + (i > 0) * jnp.exp(0.5 * p.log_variance) * noise, p.pred_x0
+        return p.mean + (i > 0) * jnp.exp(0.5 * p.log_variance) * noise, state, p.pred_x0
 
     return _reverse_loop(step, x_T, steps, record)
 
@@ -189,7 +192,7 @@ def ddim_sample(
     model_t = jnp.asarray(steps)
     batch = x_T.shape[0]
 
-    def step(x, i):
+    def step(x, state, i):
         t = jnp.full((batch,), model_t[i], jnp.int32)
         eps, pred_x0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type, clip_x0=clip_x0)
         var = eta**2 * chain.posterior_variance[i]  # sigma^2 of eq. 16, beta~ of the subsequence
@@ -197,9 +200,125 @@ def ddim_sample(
         x_prev = jnp.sqrt(chain.alphas_cumprod_prev[i]) * pred_x0 + direction * eps
         if eta > 0:
             x_prev += jnp.sqrt(var) * jax.random.normal(jax.random.fold_in(rng, model_t[i]), x.shape, x.dtype)
-        return x_prev, pred_x0
+        return x_prev, state, pred_x0
 
     return _reverse_loop(step, x_T, steps, record)
+
+
+def dpm_solver_timesteps(sched: sch.Schedule, num_steps: int, skip_type: str = "logSNR") -> np.ndarray:
+    """Increasing timesteps of an S-step DPM-Solver run, T - 1 down to 0 (Lu et al. 2022a, section 3.3).
+
+    DPM-Solver's discrete time is t = (n + 1) / T for timestep n. ``logSNR``: S points uniform
+    in lambda_t = log(alpha_t / sigma_t) from lambda_{T-1} to lambda_0, mapped to timesteps
+    by interpolating lambda linearly between integer timesteps (the paper's recommendation and
+    diffusers' ``use_lu_lambdas``); ``time_uniform``: uniform in t; ``time_quadratic``: uniform
+    in sqrt(t). Points are rounded to integer timesteps, where discrete models are trained;
+    a point that rounds onto another is dropped, so S close to T can give fewer steps.
+    """
+    T = sched.num_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an integer in [1, T = {T}], got {num_steps!r}")
+    if skip_type == "logSNR":
+        lam = log_snr(sched, np)
+        points = np.interp(np.linspace(lam[-1], lam[0], num_steps), lam[::-1], np.arange(T - 1, -1, -1.0))
+    elif skip_type == "time_uniform":
+        points = np.linspace(T - 1, 0, num_steps)
+    elif skip_type == "time_quadratic":
+        points = np.linspace(1.0, np.sqrt(1.0 / T), num_steps) ** 2 * T - 1
+    else:
+        raise ValueError(f"unknown skip_type {skip_type!r}; allowed: {', '.join(DPM_SOLVER_SKIPS)}")
+    return np.unique(np.round(points).astype(np.int32))
+
+
+def log_snr(sched: sch.Schedule, xp=jnp):
+    """lambda_t = log(alpha_t / sigma_t) = (log a-bar_t - log(1 - a-bar_t)) / 2 [T], decreasing in t.
+
+    ``xp=np`` computes it on the host in float64 (a schedule of concrete arrays), also under ``jit``.
+    """
+    to = (lambda a: np.asarray(a, np.float64)) if xp is np else jnp.asarray
+    return 0.5 * (xp.log(to(sched.alphas_cumprod)) - to(sched.log_one_minus_alphas_cumprod))
+
+
+def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int, lower_order_final: bool):
+    """Per step i (from timestep s = steps[i] to t = steps[i-1], or to x_0 at i = 0): c [n] and w [n, 3]
+    with x_t = c x_s + w_0 D(s) + w_1 D(previous) + w_2 D(the one before), D the data predictions.
+
+    DPM-Solver++ (Lu et al. 2022b) with h = lambda_t - lambda_s, phi = e^{-h} - 1 and
+    r_k = (k-th previous step's h) / h: order 1 is x_t = sigma_t / sigma_s x_s - alpha_t phi D_0
+    (DDIM); order 2 adds -alpha_t phi / 2 * D1 with D1 = (D_0 - D_1) / r_0 (Algorithm 2,
+    multistep 2M); order 3 adds alpha_t (phi / h + 1) D1' - alpha_t ((phi + h) / h^2 - 1/2) D2
+    with the divided differences of the authors' 3M code, here expanded into weights of D_0,
+    D_1, D_2. The first steps use the orders their history allows; the step to x_0 (h = inf) is
+    first order, and with ``lower_order_final`` and fewer than 15 steps the last two are at
+    most first and second order (the authors' and diffusers' stabilisation of few-step runs).
+    """
+    n = len(steps)
+    k = np.arange(n - 1, -1, -1)  # steps taken before step i
+    orders = np.minimum(order, k + 1)
+    if lower_order_final and n < 15:
+        orders = np.minimum(orders, n - k)
+    orders[0] = 1
+    lam = log_snr(sched)[steps]
+    alpha, sigma = sched.sqrt_alphas_cumprod[steps], sched.sqrt_one_minus_alphas_cumprod[steps]
+    alpha_t = jnp.concatenate([jnp.ones((1,)), alpha[:-1]])
+    sigma_t = jnp.concatenate([jnp.zeros((1,)), sigma[:-1]])
+    h = jnp.concatenate([jnp.ones((1,)), lam[:-1] - lam[1:]])  # h of step 0 is infinite: unused below
+    phi = jnp.concatenate([-jnp.ones((1,)), jnp.expm1(-h[1:])])
+    h_prev = jnp.concatenate([h[1:], jnp.ones((1,))])  # the step before i is step i + 1
+    r0 = h_prev / h
+    r1 = jnp.concatenate([h_prev[1:], jnp.ones((1,))]) / h
+    base = -alpha_t * phi
+    second = jnp.stack([base * (1 + 0.5 / r0), -0.5 * base / r0, jnp.zeros(n)], axis=1)
+    a = alpha_t * (phi / h + 1)  # weight of the first divided difference
+    b = -alpha_t * ((phi + h) / h**2 - 0.5)  # weight of the second
+    u = (a * (1 + r0 / (r0 + r1)) + b / (r0 + r1)) / r0  # per unit of D_0 - D_1
+    v = (-a * r0 / (r0 + r1) - b / (r0 + r1)) / r1  # per unit of D_1 - D_2
+    third = jnp.stack([base + u, v - u, -v], axis=1)
+    first = jnp.stack([base, jnp.zeros(n), jnp.zeros(n)], axis=1)
+    o = jnp.asarray(orders)[:, None]
+    w = jnp.where(o == 1, first, jnp.where(o == 2, second, third))
+    return sigma_t / sigma, w
+
+
+def dpm_solver_sample(
+    model_fn: sch.ModelFn,
+    sched: sch.Schedule,
+    x_T,
+    *,
+    timesteps,
+    mean_type: str,
+    var_type: str,
+    order: int = 2,
+    clip_x0: bool = False,
+    lower_order_final: bool = True,
+    record: Sequence[int] = (),
+) -> Samples:
+    """DPM-Solver++ multistep of ``order`` 1, 2 (2M) or 3 (3M) on increasing ``timesteps`` (Lu et al. 2022b).
+
+    Solves the diffusion ODE in lambda = log(alpha / sigma) with the model's x_0 prediction
+    (data prediction) at each timestep and one model evaluation per timestep, reusing the
+    previous ones; the last step goes to x_0 (a-bar = 1), as DDIM's and diffusers'
+    ``final_sigmas_type='zero'``. Order 1 is DDIM with eta = 0. ``clip_x0`` clips the x_0
+    predictions (DPM-Solver++'s thresholding with ratio 1). See :func:`dpm_solver_timesteps`
+    for step selection and :func:`_dpm_solver_coefficients` for the update.
+    """
+    sch.check_types(mean_type, var_type)
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3), got {order!r}")
+    _check_input(x_T, None, needs_rng=False)
+    steps = sch.check_timesteps(timesteps, sched.num_timesteps)
+    c, w = _dpm_solver_coefficients(sched, steps, order, lower_order_final)
+    model_t = jnp.asarray(steps)
+    batch = x_T.shape[0]
+
+    def step(x, history, i):
+        t = jnp.full((batch,), model_t[i], jnp.int32)
+        _, d0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type, clip_x0=clip_x0)
+        d1, d2 = history
+        return c[i] * x + w[i, 0] * d0 + w[i, 1] * d1 + w[i, 2] * d2, (d0, d1), d0
+
+    zeros = jnp.zeros_like(x_T)
+    return _reverse_loop(step, x_T, steps, record, state=(zeros, zeros))
 
 
 def ddim_invert(

@@ -255,6 +255,15 @@ def predict_x0_from_v(sched: Schedule, x_t, t, v):
     )
 
 
+def predict_eps_from_v(sched: Schedule, x_t, t, v):
+    """eps = sqrt(1 - a-bar_t) x_t + sqrt(a-bar_t) v: with :func:`predict_x0_from_v`, the rotation
+    (x_t, v) -> (x_0, eps) by the angle of (sqrt(a-bar_t), sqrt(1 - a-bar_t)), with no division."""
+    return (
+        extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+        + extract(sched.sqrt_alphas_cumprod, t, x_t.shape) * v
+    )
+
+
 def get_v(sched: Schedule, x0, t, eps):
     """The v target: sqrt(a-bar_t) eps - sqrt(1 - a-bar_t) x_0 (Salimans & Ho 2022)."""
     return (

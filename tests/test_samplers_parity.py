@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from diffusion_jax import analytic
 from diffusion_jax import samplers as SM
@@ -70,3 +70,22 @@ def test_ddpm_matches_diffusers_with_the_same_noise(monkeypatch):
         x_T
     )
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("order, num_steps, skip_type", [(2, 10, "logSNR"), (2, 20, "time_uniform"),
+                                                         (2, 50, "time_quadratic"), (3, 20, "logSNR")])
+def test_dpm_solver_matches_diffusers(order, num_steps, skip_type):
+    """The whole trajectory, step by step, on the same timesteps (diffusers' custom `timesteps`)."""
+    sched, eps_fn, x_T = setup()
+    steps = SM.dpm_solver_timesteps(sched, num_steps, skip_type)
+    ref = DPMSolverMultistepScheduler(**SCHEDULE, solver_order=order, algorithm_type="dpmsolver++",
+                                      final_sigmas_type="zero", lower_order_final=True)
+    ref.set_timesteps(timesteps=steps[::-1].tolist())
+    x, trajectory = torch.from_numpy(np.array(x_T)), []
+    for t in ref.timesteps:
+        trajectory.append(x.numpy())
+        x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
+    ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, order=order, record=steps,
+                                                  mean_type="eps", var_type="fixed_large"))(x_T)
+    np.testing.assert_allclose(ours.x_t[::-1], np.stack(trajectory), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.images, x.numpy(), rtol=0, atol=1e-5)

@@ -203,6 +203,10 @@ def test_v_round_trips():
     x_t = S.q_sample(sched, x0, t, eps)
     v = S.get_v(sched, x0, t, eps)
     np.testing.assert_allclose(S.predict_x0_from_v(sched, x_t, t, v), x0, atol=1e-5)
+    np.testing.assert_allclose(S.predict_eps_from_v(sched, x_t, t, v), eps, atol=1e-5)
+    # and back: the v of (x_0, eps) recovered from (x_t, v) is v, at every t (no division)
+    back = S.get_v(sched, S.predict_x0_from_v(sched, x_t, t, v), t, S.predict_eps_from_v(sched, x_t, t, v))
+    np.testing.assert_allclose(back, v, atol=1e-6)
     # sqrt(a-bar)^2 + sqrt(1-a-bar)^2 = 1: (x_t, v) is a rotation of (x_0, eps)
     np.testing.assert_allclose(jnp.square(x_t) + jnp.square(v), jnp.square(x0) + jnp.square(eps), rtol=1e-5)
 
