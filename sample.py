@@ -7,7 +7,7 @@
 The model: --workdir (a training run, its latest checkpoint or --step; --params=ema|raw) or
 --checkpoint (a training checkpoint WORKDIR/checkpoints/STEP, or convert.py's output). The
 sampler: the config's ``sample`` settings (the run's, or --config's for converted
-checkpoints), overridden by --sampler, --steps, --spacing, --eta, --clip_x0.
+checkpoints), overridden by --sampler, --steps, --spacing, --eta, --order, --clip_x0.
 
 Modes (--mode):
   samples               --num_samples images in shards of --batch_size under OUT/shards/,
@@ -38,10 +38,12 @@ flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: th
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
 flags.DEFINE_string("out", None, "output directory")
 flags.DEFINE_enum("mode", "samples", MODES, "what to produce")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "override config.sample.sampler")
+flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm_solver++"], "override config.sample.sampler")
 flags.DEFINE_integer("steps", None, "override config.sample.steps", lower_bound=1)
-flags.DEFINE_string("spacing", None, "override config.sample.spacing (uniform, quad, trailing, linspace)")
+flags.DEFINE_string("spacing", None, "override config.sample.spacing (ddpm, ddim: uniform, quad, trailing, "
+                    "linspace; dpm_solver++: logSNR, time_uniform, time_quadratic)")
 flags.DEFINE_float("eta", None, "override config.sample.eta (DDIM only)")
+flags.DEFINE_integer("order", None, "override config.sample.order (dpm_solver++ only: 2 for 2M, 3 for 3M)")
 flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
 flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples", lower_bound=1)
@@ -80,7 +82,7 @@ def check_sampler_flags(config):
         raise ValueError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
                          f"not sampler {s.sampler!r} with eta {s.eta}")
     if FLAGS.mode == "interpolate_diffused":
-        for name in ("sampler", "steps", "spacing", "eta"):
+        for name in ("sampler", "steps", "spacing", "eta", "order"):
             if FLAGS[name].present:
                 raise ValueError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes with the "
                                  "full DDPM chain from --t (DDPM section 4.4)")
@@ -89,11 +91,13 @@ def check_sampler_flags(config):
 
 
 def sampler_config(config):
-    for name in ("sampler", "steps", "spacing", "eta", "clip_x0"):
+    for name in ("sampler", "steps", "spacing", "eta", "order", "clip_x0"):
         if FLAGS[name].value is not None:
             config.sample[name] = FLAGS[name].value
     if FLAGS.sampler == "ddpm" and FLAGS.steps is None:
         config.sample.steps = config.diffusion.num_timesteps  # DDPM: the full chain unless told otherwise
+    if FLAGS.sampler == "dpm_solver++" and FLAGS.spacing is None:
+        config.sample.spacing = "logSNR"  # the DPM-Solver papers' choice unless told otherwise
     return config
 
 
@@ -141,7 +145,8 @@ def samples(jax, loaded, out: str):
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                    sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
+                    sample={k: config.sample[k]
+                            for k in ("sampler", "steps", "spacing", "eta", "order", "clip_x0")})
     check_run_settings(out, settings)
     evaluator = None
     if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once

@@ -59,7 +59,7 @@ def _row_major(stacked):
 
 def progressive(m: Model, rng, out: str, num: int) -> list[str]:
     """DDPM Fig. 6: x_t and the predicted x_0 at ``NUM_RECORDED`` timesteps from T-1 to 0, one row an image."""
-    visited = sample_lib.sampler_timesteps(m.config)
+    visited = sample_lib.sampler_timesteps(m.config, m.sched)
     visited = np.arange(m.config.diffusion.num_timesteps) if visited is None else visited
     picks = np.unique(np.linspace(0, len(visited) - 1, NUM_RECORDED).round().astype(int))
     record = [int(t) for t in visited[picks][::-1]]
@@ -115,7 +115,7 @@ def reconstruct(m: Model, out: str, num: int) -> list[str]:
     Also writes ``reconstruct.json`` with the RMSE on the [0, 255] scale, as DDIM Table 2.
     """
     x0 = m.test_images(num)
-    steps = sample_lib.sampler_timesteps(m.config)
+    steps = sample_lib.sampler_timesteps(m.config, m.sched)
 
     @jax.jit
     def round_trip(params):

@@ -22,25 +22,31 @@ from diffusion_jax import image_io, samplers, schedule
 from diffusion_jax.models.unet import UNet
 
 
-def sampler_timesteps(config):
+def sampler_timesteps(config, sched: schedule.Schedule):
     """The timesteps ``config.sample`` visits, or None for the full DDPM chain."""
     d, s = config.diffusion, config.sample
     if s.sampler == "ddpm" and s.steps == d.num_timesteps:
         return None
+    if s.sampler == "dpm_solver++":
+        return samplers.dpm_solver_timesteps(sched, s.steps, s.spacing)
     return samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
 
 
 def sample_images(params, x_T, rng, *, model: UNet, sched: schedule.Schedule, config, record=()):
-    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (DDPM ancestral or DDIM with eta)."""
+    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (DDPM ancestral, DDIM with eta
+    or DPM-Solver++)."""
     d, s = config.diffusion, config.sample
 
     def model_fn(x, t):
         return model.apply({"params": params}, x, t)
 
     types = dict(mean_type=d.mean_type, var_type=d.var_type, clip_x0=s.clip_x0, record=record)
+    timesteps = sampler_timesteps(config, sched)
     if s.sampler == "ddpm":
-        return samplers.ddpm_sample(model_fn, sched, x_T, rng, timesteps=sampler_timesteps(config), **types)
-    return samplers.ddim_sample(model_fn, sched, x_T, timesteps=sampler_timesteps(config), eta=s.eta,
+        return samplers.ddpm_sample(model_fn, sched, x_T, rng, timesteps=timesteps, **types)
+    if s.sampler == "dpm_solver++":
+        return samplers.dpm_solver_sample(model_fn, sched, x_T, timesteps=timesteps, order=s.order, **types)
+    return samplers.ddim_sample(model_fn, sched, x_T, timesteps=timesteps, eta=s.eta,
                                 rng=rng if s.eta > 0 else None, **types)
 
 

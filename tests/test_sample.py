@@ -29,6 +29,8 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
 
 @pytest.mark.parametrize("mode, args, files", [
     ("progressive", ["--num_samples=2"], ["progressive_xt.png", "progressive_x0.png"]),
+    ("progressive", ["--num_samples=2", "--sampler=dpm_solver++", "--steps=10", "--order=3"],
+     ["progressive_xt.png", "progressive_x0.png"]),
     ("interpolate", ["--num_samples=2", "--num_interp=4", "--steps=10"], ["interpolate.png"]),
     ("interpolate_diffused", ["--num_samples=1", "--num_interp=3", "--t=20"], ["interpolate_diffused.png"]),
     ("reconstruct", ["--num_samples=4", "--steps=20", "--noclip_x0"], ["reconstruct.png", "reconstruct.json"]),
@@ -66,6 +68,8 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
 @pytest.mark.parametrize("args, message", [
     ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network"),
     (["--sampler=ddpm", "--eta=0.5"], "sample.eta"),
+    (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler"),
+    (["--sampler=dpm_solver++", "--order=4"], "sample.order"),
     (["--t=10"], "--t applies to --mode=interpolate_diffused"),
     (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM"),
     (["--fid", "--inception_weights=/nonexistent/pt_inception.pth"], "pt_inception-2015-12-05"),
