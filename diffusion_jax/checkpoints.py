@@ -54,8 +54,7 @@ def _training(workdir: str, step: int | None, which: str, config):
             config.update(saved)  # keys added to the schema since the run keep their defaults
         else:
             train_lib.check_resume_compatible(config, saved)
-        abstract = train_lib.Trainer(config).abstract_state()
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = train_lib.restore_state(manager, step, train_lib.Trainer(config).abstract_state())
     return Loaded(config, state.ema_params if which == "ema" else state.params,
                   f"{os.path.join(directory, str(step))} ({which})")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from diffusion_jax import input_pipeline, losses, samplers, schedule
+from diffusion_jax import input_pipeline, losses, samplers, schedule, timestep_sampler
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
@@ -24,8 +24,10 @@ def base() -> ml_collections.ConfigDict:
                   randflip=True, data_dir=config_dict.placeholder(str))
     c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                    resamp_with_conv=True, dtype="float32")
+    # timestep_sampler: 'uniform' (DDPM) or 'loss-second-moment' (improved DDPM's importance
+    # sampling of t, for loss_type 'kl')
     c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mean_type="eps",
-                       var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3)
+                       var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3, timestep_sampler="uniform")
     c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                    ema_decay=0.9999, ema_warmup=False)
     # batch_size is global (all devices of all processes); a checkpoint every checkpoint_every
@@ -77,6 +79,8 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     need(diff.mean_type in schedule.MEAN_TYPES, "diffusion.mean_type", diff.mean_type, ", ".join(schedule.MEAN_TYPES))
     need(diff.var_type in schedule.VAR_TYPES, "diffusion.var_type", diff.var_type, ", ".join(schedule.VAR_TYPES))
     losses.check_loss_type(diff.loss_type, diff.var_type)
+    need(diff.timestep_sampler in timestep_sampler.SAMPLERS, "diffusion.timestep_sampler", diff.timestep_sampler,
+         ", ".join(timestep_sampler.SAMPLERS))
     schedule.get_beta_schedule(diff.schedule, diff.num_timesteps, diff.beta_start, diff.beta_end)
     need(t.batch_size > 0 and t.batch_size % num_devices == 0, "train.batch_size", t.batch_size,
          f"a positive multiple of the {num_devices} devices")

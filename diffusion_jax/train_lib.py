@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule
+from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, timestep_sampler
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
@@ -49,6 +49,7 @@ class TrainState(NamedTuple):
     ema_params: Any
     opt_state: Any
     bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
+    loss_history: Any = None  # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
 
 
 def make_model(config) -> UNet:
@@ -78,24 +79,38 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def init_state(config, model: UNet, tx, rng) -> TrainState:
     shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
     params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32))["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32))
+    d = config.diffusion
+    history = timestep_sampler.init_history(d.num_timesteps) if d.timestep_sampler != "uniform" else None
+    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32),
+                      history)
 
 
 def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Schedule, tx, config):
-    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA."""
+    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA.
+
+    With ``diffusion.timestep_sampler = 'loss-second-moment'`` t is importance-sampled from the
+    loss history and each example's loss weighted by 1 / (T p_t) (improved DDPM section 3.3).
+    """
     dropout_rng, diffusion_rng = jax.random.split(jax.random.fold_in(rng, state.step))
     d = config.diffusion
     lr = learning_rate(config)(state.step)
+    t_rng, noise_rng = jax.random.split(diffusion_rng)
+    if state.loss_history is None:
+        t = jax.random.randint(t_rng, (batch.shape[0],), 0, sched.num_timesteps)
+        weights = jnp.ones((batch.shape[0],))
+    else:
+        t, weights = timestep_sampler.sample(state.loss_history, t_rng, batch.shape[0])
+    noise = jax.random.normal(noise_rng, batch.shape, batch.dtype)
 
     def loss_fn(params):
         def model_fn(x, t):
             return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
 
-        return losses.training_losses(model_fn, sched, batch, diffusion_rng, loss_type=d.loss_type,
-                                      mean_type=d.mean_type, var_type=d.var_type,
-                                      hybrid_lambda=d.hybrid_lambda).mean()
+        per_example = losses.losses_at(model_fn, sched, batch, t, noise, loss_type=d.loss_type,
+                                       mean_type=d.mean_type, var_type=d.var_type, hybrid_lambda=d.hybrid_lambda)
+        return jnp.mean(weights * per_example), per_example
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -112,6 +127,8 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
         ema_params=keep(ema_params, state.ema_params),
         opt_state=keep(opt_state, state.opt_state),
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
+        loss_history=None if state.loss_history is None else keep(
+            timestep_sampler.update(state.loss_history, t, per_example), state.loss_history),
     )
     return state, dict(loss=loss, grad_norm=grad_norm, lr=lr)
 
@@ -160,6 +177,22 @@ def check_resume_compatible(config, saved_config: dict) -> None:
     if differing:
         raise ValueError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
                          + "; use a new --workdir or the checkpoint's settings")
+    theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # runs older than the key were uniform
+    if config.diffusion.timestep_sampler != theirs:
+        raise ValueError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
+                         f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
+    """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract)))
+    return TrainState(**manager.restore(step, args=args)["state"])
+
+
+def saved_tree(state: TrainState) -> dict:
+    """What a checkpoint holds of ``state``: its fields without those the run does not use (None),
+    so that checkpoints of runs without a loss history read as before the field existed."""
+    return {k: v for k, v in state._asdict().items() if v is not None}
 
 
 def checkpoint_manager(workdir: str, config, create: bool) -> ocp.CheckpointManager:
@@ -254,8 +287,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     state = trainer.init(init_rng)
     last_good = manager.latest_step()
     if last_good is not None:
-        state = manager.restore(last_good, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
+        state = restore_state(manager, last_good, trainer.abstract_state())
         console(f"resumed from the checkpoint of step {last_good} in {workdir}")
     start = int(state.step)
     writer = _Writer(workdir)
@@ -285,7 +317,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
                 _check_finite(state, last_good)
                 manager.save(done, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())), force=True)
+                    state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())),
+                    force=True)
                 last_good = done
             if preempted:
                 console(f"preempted: saved step {done}, exiting")

@@ -40,22 +40,26 @@ def train(workdir, *overrides, devices=1, expect=0):
 
 
 @functools.lru_cache(maxsize=None)
-def abstract_state():
+def abstract_state(*overrides):
     spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return train_lib.Trainer(module.get_config()).abstract_state()
+    config = module.get_config()
+    for override in overrides:
+        key, value = override.split("=")
+        section, name = key.split(".")
+        config[section][name] = value
+    return train_lib.Trainer(config).abstract_state()
 
 
-def checkpoint(workdir):
+def checkpoint(workdir, *overrides):
     """(step, TrainState) of a run's latest checkpoint, restored onto this process's one device."""
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
         step = manager.latest_step()
         if step is None:
             return None, None
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state()))
-        return step, manager.restore(step, args=args)["state"]
+        return step, train_lib.restore_state(manager, step, abstract_state(*overrides))
 
 
 def assert_same_params(expected, got):
@@ -228,6 +232,23 @@ def test_resuming_with_a_different_network_is_refused(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+def test_importance_sampled_kl_training_keeps_its_loss_history_across_a_resume(tmp_path):
+    """improved DDPM's L_vlb with t importance-sampled: the history fills, is checkpointed and resumed,
+    and a resume with another timestep sampler is refused."""
+    workdir = str(tmp_path)
+    settings = ["diffusion.loss_type=kl", "diffusion.timestep_sampler=loss-second-moment"]
+    train(workdir, *settings, "train.num_steps=3", "train.checkpoint_every=3")
+    step, state = checkpoint(workdir, *settings)
+    assert step == 3 and int(state.loss_history.counts.sum()) == 3 * 8  # T = 100 rows of 10: none full yet
+    result = train(workdir, *settings, "train.num_steps=5")
+    assert "resumed from the checkpoint of step 3" in result.stdout
+    step, state = checkpoint(workdir, *settings)
+    assert step == 5 and int(state.loss_history.counts.sum()) == 5 * 8
+    assert float(np.abs(state.loss_history.losses).sum()) > 0
+    result = train(workdir, "diffusion.loss_type=kl", "train.num_steps=6", expect=2)
+    assert "trained with diffusion.timestep_sampler 'loss-second-moment', the config has 'uniform'" in result.stderr
+
+
 def test_cifar10_config_is_the_papers_run():
     sys.path.insert(0, ROOT)
     from configs import cifar10
@@ -251,3 +272,27 @@ def test_cifar10_config_is_the_papers_run():
     lr = train_lib.learning_rate(c)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose([float(lr(2500)), float(lr(5000)), float(lr(100_000))], [1e-4, 2e-4, 2e-4], rtol=1e-6)
+
+
+def test_improved_ddpm_config_is_their_cifar10_run():
+    sys.path.insert(0, ROOT)
+    from configs import cifar10_improved
+
+    for objective, loss_type, timestep_sampler in (("hybrid", "hybrid", "uniform"),
+                                                   ("vlb", "kl", "loss-second-moment")):
+        c = cifar10_improved.get_config(objective)
+        config_lib.validate(c, num_devices=8, num_processes=1)
+        d = c.diffusion
+        assert (d.schedule, d.num_timesteps, d.mean_type, d.var_type, d.loss_type, d.hybrid_lambda,
+                d.timestep_sampler) == ("cosine", 4000, "eps", "learned_range", loss_type, 1e-3, timestep_sampler)
+        assert (c.model.ch, c.model.num_res_blocks, tuple(c.model.attn_resolutions), c.model.dropout) == (
+            128, 3, (16, 8), 0.3)
+        assert (c.optim.lr, c.optim.warmup_steps, c.train.batch_size, c.train.num_steps) == (1e-4, 0, 128, 500_000)
+        model = train_lib.make_model(c)
+        shapes = jax.eval_shape(lambda: train_lib.init_state(c, model, train_lib.make_optimizer(c),
+                                                              jax.random.PRNGKey(0)))
+        assert model.out_ch == 6  # eps and the variance interpolation v, per channel
+        history = None if shapes.loss_history is None else shapes.loss_history.losses.shape
+        assert history == (None if objective == "hybrid" else (4000, 10))
+    with pytest.raises(ValueError, match="unknown objective 'l2'; allowed: hybrid, vlb"):
+        cifar10_improved.get_config("l2")
