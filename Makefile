@@ -26,6 +26,7 @@ $(VENV)/.test: requirements-test.txt $(VENV)/.runtime
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.samplers
+	$(BIN)/python -m benchmarks.sampler_quality
 	$(BIN)/python -m benchmarks.train_loop --steps 16
 
 compare: $(VENV)/.test

@@ -22,6 +22,8 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = dict(name="cifar10", train_split="train", eval_split="test", image_size=32, channels=3,
                   randflip=True, data_dir=config_dict.placeholder(str))
+    # dtype: the network's compute dtype, 'float32' or 'bfloat16' (params, optimizer and EMA stay
+    # float32; no loss scaling is needed, see models/unet.py)
     c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                    resamp_with_conv=True, dtype="float32")
     # timestep_sampler: 'uniform' (DDPM) or 'loss-second-moment' (improved DDPM's importance

@@ -16,7 +16,9 @@ proj_out, conv_out); zero biases.
 
 ``dtype`` sets the compute dtype of convolutions, dense layers and attention (bfloat16
 where a config asks for it); parameters, normalization statistics and the output stay
-float32.
+float32, and so do the loss, the gradients' accumulation into float32 params, Adam and the
+EMA. bfloat16 needs no loss scaling: it has float32's 8-bit exponent, so small gradients do
+not underflow as in float16.
 """
 
 from __future__ import annotations
