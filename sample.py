@@ -145,8 +145,9 @@ def samples(jax, loaded, out: str):
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                    sample={k: config.sample[k]
-                            for k in ("sampler", "steps", "spacing", "eta", "order", "clip_x0")})
+                    sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
+    if config.sample.sampler == "dpm_solver++":  # the only sampler with an order
+        settings["sample"]["order"] = config.sample.order
     check_run_settings(out, settings)
     evaluator = None
     if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once

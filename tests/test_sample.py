@@ -31,6 +31,7 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     ("progressive", ["--num_samples=2"], ["progressive_xt.png", "progressive_x0.png"]),
     ("progressive", ["--num_samples=2", "--sampler=dpm_solver++", "--steps=10", "--order=3"],
      ["progressive_xt.png", "progressive_x0.png"]),
+    ("samples", ["--num_samples=16", "--sampler=dpm_solver++", "--steps=10"], ["samples.npz", "samples.png"]),
     ("interpolate", ["--num_samples=2", "--num_interp=4", "--steps=10"], ["interpolate.png"]),
     ("interpolate_diffused", ["--num_samples=1", "--num_interp=3", "--t=20"], ["interpolate_diffused.png"]),
     ("reconstruct", ["--num_samples=4", "--steps=20", "--noclip_x0"], ["reconstruct.png", "reconstruct.json"]),
