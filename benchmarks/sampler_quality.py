@@ -39,19 +39,18 @@ def data(n: int, seed: int) -> np.ndarray:
     return MEANS[rng.integers(K, size=n)] + STD * rng.normal(size=(n, 2))
 
 
-def ours(name: str, nfe: int, sched, eps_fn, x_T):
-    """(images, model evaluations) of one of our samplers at ``nfe`` timesteps."""
+def ours(kind: str, spacing: str, order, nfe: int, sched, eps_fn, x_T):
+    """(images, model evaluations) of one of our samplers at ``nfe`` timesteps of ``spacing``."""
     T = sched.num_timesteps
-    if name == "DDPM ancestral (uniform)":
-        steps = SM.ddim_timesteps(T, nfe, "uniform")
+    if kind == "ddpm":
+        steps = SM.ddim_timesteps(T, nfe, spacing)
         run = functools.partial(SM.ddpm_sample, eps_fn, sched, rng=jax.random.PRNGKey(1), timesteps=steps,
                                 mean_type="eps", var_type="fixed_small", clip_x0=False)
-    elif name.startswith("DDIM"):
-        steps = np.unique(SM.ddim_timesteps(T, nfe, name.split()[-1].strip("()")))
+    elif kind == "ddim":
+        steps = np.unique(SM.ddim_timesteps(T, nfe, spacing))
         run = functools.partial(SM.ddim_sample, eps_fn, sched, timesteps=steps, **TYPES)
-    else:  # "DPM-Solver++ 2M (logSNR)" and the like
-        order = int(name.split()[1][0])
-        steps = SM.dpm_solver_timesteps(sched, nfe, name.split()[-1].strip("()"))
+    else:
+        steps = SM.dpm_solver_timesteps(sched, nfe, spacing)
         run = functools.partial(SM.dpm_solver_sample, eps_fn, sched, timesteps=steps, order=order, **TYPES)
     return np.asarray(jax.jit(lambda x: run(x_T=x).images)(x_T)), len(steps)
 
@@ -73,9 +72,17 @@ def diffusers_dpm_solver(order: int, nfe: int, eps_fn, x_T):
     return x.numpy(), len(ref.timesteps)
 
 
-SAMPLERS = ("DDPM ancestral (uniform)", "DDIM (uniform)", "DDIM (quad)", "DPM-Solver++ 2M (logSNR)",
-            "DPM-Solver++ 3M (logSNR)", "DPM-Solver++ 2M (time_uniform)")
-PEERS = ("diffusers DPM-Solver++ 2M (lu)", "diffusers DPM-Solver++ 3M (lu)")
+# (row name, sampler, spacing, order)
+ROWS = (
+    ("DDPM ancestral (uniform)", "ddpm", "uniform", None),
+    ("DDIM (uniform)", "ddim", "uniform", None),
+    ("DDIM (quad)", "ddim", "quad", None),
+    ("DPM-Solver++ 2M (logSNR)", "dpm_solver++", "logSNR", 2),
+    ("DPM-Solver++ 3M (logSNR)", "dpm_solver++", "logSNR", 3),
+    ("DPM-Solver++ 2M (time_uniform)", "dpm_solver++", "time_uniform", 2),
+    ("diffusers DPM-Solver++ 2M (lu)", "diffusers", "lu", 2),
+    ("diffusers DPM-Solver++ 3M (lu)", "diffusers", "lu", 3),
+)
 
 
 def main():
@@ -100,13 +107,13 @@ def main():
 
     header = f"{'sampler':34s}" + "".join(f"{'NFE ' + str(n):>22s}" for n in args.nfe)
     print(header + "\n" + "-" * len(header))
-    for name in SAMPLERS + PEERS:
+    for name, kind, spacing, order in ROWS:
         cells = []
         for nfe in args.nfe:
-            if name in PEERS:
-                x, used = diffusers_dpm_solver(int(name.split()[2][0]), nfe, eps_fn, x_T)
+            if kind == "diffusers":
+                x, used = diffusers_dpm_solver(order, nfe, eps_fn, x_T)
             else:
-                x, used = ours(name, nfe, sched, eps_fn, x_T)
+                x, used = ours(kind, spacing, order, nfe, sched, eps_fn, x_T)
             d = distance(x)
             cells.append(f"{d:.4f} ({d / floor:5.2f}x)" + ("" if used == nfe else f" [{used}]"))
         print(f"{name:34s}" + "".join(f"{c:>22s}" for c in cells), flush=True)
