@@ -51,7 +51,8 @@ def ours(kind: str, spacing: str, order, nfe: int, sched, eps_fn, x_T):
         run = functools.partial(SM.ddim_sample, eps_fn, sched, timesteps=steps, **TYPES)
     else:
         steps = SM.dpm_solver_timesteps(sched, nfe, spacing)
-        run = functools.partial(SM.dpm_solver_sample, eps_fn, sched, timesteps=steps, order=order, **TYPES)
+        run = functools.partial(SM.dpm_solver_sample, eps_fn, sched, timesteps=steps, order=order,
+                                singlestep=kind == "dpm_solver++ 2S", **TYPES)
     return np.asarray(jax.jit(lambda x: run(x_T=x).images)(x_T)), len(steps)
 
 
@@ -80,6 +81,7 @@ ROWS = (
     ("DPM-Solver++ 2M (logSNR)", "dpm_solver++", "logSNR", 2),
     ("DPM-Solver++ 3M (logSNR)", "dpm_solver++", "logSNR", 3),
     ("DPM-Solver++ 2M (time_uniform)", "dpm_solver++", "time_uniform", 2),
+    ("DPM-Solver++ 2S (logSNR)", "dpm_solver++ 2S", "logSNR", 2),
     ("diffusers DPM-Solver++ 2M (lu)", "diffusers", "lu", 2),
     ("diffusers DPM-Solver++ 3M (lu)", "diffusers", "lu", 3),
 )

@@ -239,9 +239,11 @@ def log_snr(sched: sch.Schedule, xp=jnp):
     return 0.5 * (xp.log(to(sched.alphas_cumprod)) - to(sched.log_one_minus_alphas_cumprod))
 
 
-def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int, lower_order_final: bool):
-    """Per step i (from timestep s = steps[i] to t = steps[i-1], or to x_0 at i = 0): c [n] and w [n, 3]
-    with x_t = c x_s + w_0 D(s) + w_1 D(previous) + w_2 D(the one before), D the data predictions.
+def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int, lower_order_final: bool,
+                             singlestep: bool = False):
+    """Per step i (from timestep s = steps[i] to t = steps[i-1], or to x_0 at i = 0): c [n], w [n, 3]
+    and from_start [n] with x_t = c x_ref + w_0 D(s) + w_1 D(previous) + w_2 D(the one before), D the
+    data predictions and x_ref = x_s, or the previous step's start where ``from_start``.
 
     DPM-Solver++ (Lu et al. 2022b) with h = lambda_t - lambda_s, phi = e^{-h} - 1 and
     r_k = (k-th previous step's h) / h: order 1 is x_t = sigma_t / sigma_s x_s - alpha_t phi D_0
@@ -251,12 +253,21 @@ def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int,
     D_1, D_2. The first steps use the orders their history allows; the step to x_0 (h = inf) is
     first order, and with ``lower_order_final`` and fewer than 15 steps the last two are at
     most first and second order (the authors' and diffusers' stabilisation of few-step runs).
+
+    ``singlestep`` (order 2 only) is DPM-Solver++(2S) (Algorithm 1) on pairs of steps, as
+    diffusers' singlestep scheduler: a first-order step s_1 -> s_0, then from s_1 again to t with
+    h = lambda_t - lambda_{s_1}, r_0 = (lambda_{s_0} - lambda_{s_1}) / h and
+    x_t = sigma_t / sigma_{s_1} x_{s_1} - alpha_t phi (D(s_1) + (D(s_0) - D(s_1)) / (2 r_0)); on
+    log-SNR-uniform steps s_0 is the pair's midpoint in lambda, the paper's r = 1/2.
     """
     n = len(steps)
     k = np.arange(n - 1, -1, -1)  # steps taken before step i
-    orders = np.minimum(order, k + 1)
-    if lower_order_final and n < 15:
-        orders = np.minimum(orders, n - k)
+    if singlestep:
+        orders = 1 + k % 2
+    else:
+        orders = np.minimum(order, k + 1)
+        if lower_order_final and n < 15:
+            orders = np.minimum(orders, n - k)
     orders[0] = 1
     lam = log_snr(sched)[steps]
     alpha, sigma = sched.sqrt_alphas_cumprod[steps], sched.sqrt_one_minus_alphas_cumprod[steps]
@@ -277,7 +288,17 @@ def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int,
     first = jnp.stack([base, jnp.zeros(n), jnp.zeros(n)], axis=1)
     o = jnp.asarray(orders)[:, None]
     w = jnp.where(o == 1, first, jnp.where(o == 2, second, third))
-    return sigma_t / sigma, w
+    c = sigma_t / sigma
+    from_start = np.asarray(singlestep & (orders == 2))
+    if singlestep:  # the second step of a pair spans both: h and phi from the pair's start
+        sigma_start = jnp.concatenate([sigma[1:], jnp.ones((1,))])
+        h_pair = h + h_prev
+        phi_pair = jnp.expm1(-h_pair)
+        r = h_prev / h_pair
+        pair = jnp.stack([-0.5 * alpha_t * phi_pair / r, -alpha_t * phi_pair * (1 - 0.5 / r), jnp.zeros(n)], axis=1)
+        w = jnp.where(from_start[:, None], pair, w)
+        c = jnp.where(from_start, sigma_t / sigma_start, c)
+    return c, w, jnp.asarray(from_start)
 
 
 def dpm_solver_sample(
@@ -289,11 +310,13 @@ def dpm_solver_sample(
     mean_type: str,
     var_type: str,
     order: int = 2,
+    singlestep: bool = False,
     clip_x0: bool = False,
     lower_order_final: bool = True,
     record: Sequence[int] = (),
 ) -> Samples:
-    """DPM-Solver++ multistep of ``order`` 1, 2 (2M) or 3 (3M) on increasing ``timesteps`` (Lu et al. 2022b).
+    """DPM-Solver++ multistep of ``order`` 1, 2 (2M) or 3 (3M) on increasing ``timesteps`` (Lu et al. 2022b),
+    or with ``singlestep`` its 2S on pairs of timesteps.
 
     Solves the diffusion ODE in lambda = log(alpha / sigma) with the model's x_0 prediction
     (data prediction) at each timestep and one model evaluation per timestep, reusing the
@@ -305,20 +328,23 @@ def dpm_solver_sample(
     sch.check_types(mean_type, var_type)
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3), got {order!r}")
+    if singlestep and order != 2:
+        raise ValueError(f"singlestep is DPM-Solver++(2S), of order 2; got order {order!r}")
     _check_input(x_T, None, needs_rng=False)
     steps = sch.check_timesteps(timesteps, sched.num_timesteps)
-    c, w = _dpm_solver_coefficients(sched, steps, order, lower_order_final)
+    c, w, from_start = _dpm_solver_coefficients(sched, steps, order, lower_order_final, singlestep)
     model_t = jnp.asarray(steps)
     batch = x_T.shape[0]
 
     def step(x, history, i):
         t = jnp.full((batch,), model_t[i], jnp.int32)
         _, d0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type, clip_x0=clip_x0)
-        d1, d2 = history
-        return c[i] * x + w[i, 0] * d0 + w[i, 1] * d1 + w[i, 2] * d2, (d0, d1), d0
+        d1, d2, x_prev_start = history
+        x_ref = jnp.where(from_start[i], x_prev_start, x)
+        return c[i] * x_ref + w[i, 0] * d0 + w[i, 1] * d1 + w[i, 2] * d2, (d0, d1, x), d0
 
     zeros = jnp.zeros_like(x_T)
-    return _reverse_loop(step, x_T, steps, record, state=(zeros, zeros))
+    return _reverse_loop(step, x_T, steps, record, state=(zeros, zeros, zeros))
 
 
 def ddim_invert(

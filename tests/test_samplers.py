@@ -287,6 +287,8 @@ def test_compiled_program_does_not_grow_with_steps():
         (lambda f, s, x: SM.dpm_solver_sample(f, s, x, timesteps=[0, 5], order=4, **TYPES),
          r"order must be 1, 2 or 3 \(DPM-Solver\+\+ 2M: 2, 3M: 3\), got 4"),
         (lambda f, s, x: SM.dpm_solver_sample(f, s, x, timesteps=[5, 0], **TYPES), "increase strictly"),
+        (lambda f, s, x: SM.dpm_solver_sample(f, s, x, timesteps=[0, 5], order=3, singlestep=True, **TYPES),
+         r"singlestep is DPM-Solver\+\+\(2S\), of order 2; got order 3"),
         (lambda f, s, x: SM.dpm_solver_timesteps(s, 10, "karras"), "unknown skip_type 'karras'; allowed: logSNR"),
         (lambda f, s, x: SM.dpm_solver_timesteps(s, 0), r"num_steps must be an integer in \[1, T = 1000\]"),
         (lambda f, s, x: SM.slerp(x[0], x[:2], jnp.ones(2)), "differ in shape"),

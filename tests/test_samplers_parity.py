@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
 
 from diffusion_jax import analytic
 from diffusion_jax import samplers as SM
@@ -86,6 +86,24 @@ def test_dpm_solver_matches_diffusers(order, num_steps, skip_type):
         trajectory.append(x.numpy())
         x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
     ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, order=order, record=steps,
+                                                  mean_type="eps", var_type="fixed_large"))(x_T)
+    np.testing.assert_allclose(ours.x_t[::-1], np.stack(trajectory), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.images, x.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_steps", [10, 15])
+def test_dpm_solver_singlestep_matches_diffusers(num_steps):
+    """DPM-Solver++(2S) on pairs of timesteps against diffusers' singlestep scheduler, even and odd counts."""
+    sched, eps_fn, x_T = setup()
+    steps = SM.dpm_solver_timesteps(sched, num_steps, "logSNR")
+    ref = DPMSolverSinglestepScheduler(**SCHEDULE, solver_order=2, algorithm_type="dpmsolver++",
+                                       final_sigmas_type="zero", lower_order_final=True)
+    ref.set_timesteps(timesteps=steps[::-1].tolist())
+    x, trajectory = torch.from_numpy(np.array(x_T)), []
+    for t in ref.timesteps:
+        trajectory.append(x.numpy())
+        x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
+    ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, singlestep=True, record=steps,
                                                   mean_type="eps", var_type="fixed_large"))(x_T)
     np.testing.assert_allclose(ours.x_t[::-1], np.stack(trajectory), rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.images, x.numpy(), rtol=0, atol=1e-5)
