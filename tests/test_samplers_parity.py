@@ -72,38 +72,26 @@ def test_ddpm_matches_diffusers_with_the_same_noise(monkeypatch):
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("order, num_steps, skip_type", [(2, 10, "logSNR"), (2, 20, "time_uniform"),
-                                                         (2, 50, "time_quadratic"), (3, 20, "logSNR")])
-def test_dpm_solver_matches_diffusers(order, num_steps, skip_type):
-    """The whole trajectory, step by step, on the same timesteps (diffusers' custom `timesteps`)."""
+@pytest.mark.parametrize("order, num_steps, skip_type, singlestep", [
+    (2, 10, "logSNR", False), (2, 20, "time_uniform", False), (2, 50, "time_quadratic", False),
+    (3, 20, "logSNR", False),
+    (2, 10, "logSNR", True), (2, 15, "logSNR", True),  # 2S on pairs: even and odd counts
+])
+def test_dpm_solver_matches_diffusers(order, num_steps, skip_type, singlestep):
+    """The whole trajectory, step by step, on the same timesteps (diffusers' custom `timesteps`), against
+    DPMSolverMultistepScheduler, or DPMSolverSinglestepScheduler for 2S."""
     sched, eps_fn, x_T = setup()
     steps = SM.dpm_solver_timesteps(sched, num_steps, skip_type)
-    ref = DPMSolverMultistepScheduler(**SCHEDULE, solver_order=order, algorithm_type="dpmsolver++",
-                                      final_sigmas_type="zero", lower_order_final=True)
+    scheduler = DPMSolverSinglestepScheduler if singlestep else DPMSolverMultistepScheduler
+    ref = scheduler(**SCHEDULE, solver_order=order, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+                    lower_order_final=True)
     ref.set_timesteps(timesteps=steps[::-1].tolist())
     x, trajectory = torch.from_numpy(np.array(x_T)), []
     for t in ref.timesteps:
         trajectory.append(x.numpy())
         x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
-    ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, order=order, record=steps,
-                                                  mean_type="eps", var_type="fixed_large"))(x_T)
-    np.testing.assert_allclose(ours.x_t[::-1], np.stack(trajectory), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(ours.images, x.numpy(), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("num_steps", [10, 15])
-def test_dpm_solver_singlestep_matches_diffusers(num_steps):
-    """DPM-Solver++(2S) on pairs of timesteps against diffusers' singlestep scheduler, even and odd counts."""
-    sched, eps_fn, x_T = setup()
-    steps = SM.dpm_solver_timesteps(sched, num_steps, "logSNR")
-    ref = DPMSolverSinglestepScheduler(**SCHEDULE, solver_order=2, algorithm_type="dpmsolver++",
-                                       final_sigmas_type="zero", lower_order_final=True)
-    ref.set_timesteps(timesteps=steps[::-1].tolist())
-    x, trajectory = torch.from_numpy(np.array(x_T)), []
-    for t in ref.timesteps:
-        trajectory.append(x.numpy())
-        x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
-    ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, singlestep=True, record=steps,
-                                                  mean_type="eps", var_type="fixed_large"))(x_T)
+    ours = jax.jit(lambda x: SM.dpm_solver_sample(eps_fn, sched, x, timesteps=steps, order=order,
+                                                  singlestep=singlestep, record=steps, mean_type="eps",
+                                                  var_type="fixed_large"))(x_T)
     np.testing.assert_allclose(ours.x_t[::-1], np.stack(trajectory), rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.images, x.numpy(), rtol=0, atol=1e-5)
