@@ -7,10 +7,11 @@ step s is a function of (seed, step) (see ``input_pipeline``), so a resumed run 
 exactly the interrupted one.
 
 Checkpoints (Orbax, async) hold step, params, EMA params and optimizer state (and the loss
-history when t is importance-sampled), with the config beside them; a run with the same ``workdir`` resumes from the latest complete one,
-onto any number of devices. SIGTERM saves the current step and exits cleanly. A
-non-finite loss or gradient leaves the parameters untouched and stops the run at the next
-check (every ``log_every`` steps and before each save), naming the step.
+history when t is importance-sampled), with the config beside them; a run with the same
+``workdir`` resumes from the latest complete one, onto any number of devices. SIGTERM saves
+the current step and exits cleanly. A non-finite loss or gradient leaves the parameters
+untouched and stops the run at the next check (every ``log_every`` steps and before each
+save), naming the step.
 """
 
 from __future__ import annotations
