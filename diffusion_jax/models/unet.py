@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import conv
+
 GROUPS = 32
 NORM_EPS = 1e-6
 
@@ -59,7 +61,8 @@ class _Layers:
 
     def conv(self, features, name, *, stride=1, kernel=3, scale=1.0):
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", name=name,
-                       kernel_init=default_init(scale), dtype=self.dtype)
+                       kernel_init=default_init(scale), dtype=self.dtype,
+                       conv_general_dilated=conv.conv_general_dilated)
 
     def dense(self, features, name, *, scale=1.0):
         return nn.Dense(features, name=name, kernel_init=default_init(scale), dtype=self.dtype)

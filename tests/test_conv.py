@@ -1,0 +1,131 @@
+"""oneDNN's convolutions (diffusion_jax/models/conv.py) against XLA's, and when each is used."""
+
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from diffusion_jax.models import conv
+from diffusion_jax.models.unet import UNet
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST)
+
+
+def onednn_conv(x, w, strides, padding):
+    return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def test_the_library_is_built_and_used_on_this_machine():
+    # make install builds it on x86-64 Linux (setup.py); elsewhere XLA's convolutions run.
+    if platform.machine() != "x86_64":
+        pytest.skip(f"the oneDNN wheels are x86-64 only; this machine is {platform.machine()}")
+    assert conv.onednn_available(), "diffusion_jax/_onednn_conv*.so is missing: run make install (setup.py)"
+    assert conv.uses_onednn()
+
+
+needs_onednn = pytest.mark.skipif(not conv.uses_onednn(), reason="oneDNN convolutions not in use here")
+
+
+def _hlo(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+@needs_onednn
+@pytest.mark.parametrize("n,h,w,c,o,k,stride,padding", [
+    (2, 8, 8, 16, 32, 3, 1, "SAME"),
+    (2, 8, 8, 16, 16, 3, 2, "SAME"),  # the U-Net's downsampling: TF 'SAME', 0 before and 1 after
+    (3, 7, 5, 3, 8, 3, 1, "SAME"),  # odd, non-square, 3 input channels (conv_in)
+    (2, 6, 6, 8, 3, 1, 1, "VALID"),
+    (1, 9, 9, 4, 4, 3, 2, ((2, 0), (1, 1))),
+])
+def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (n, h, w, c))
+    kernel = jax.random.normal(kw, (k, k, c, o)) / np.sqrt(k * k * c)
+    strides = (stride, stride)
+    y_ref = xla_conv(x, kernel, strides, padding)
+    cotangent = jax.random.normal(ky, y_ref.shape)
+
+    def loss(f):
+        return lambda x, kernel: jnp.sum(f(x, kernel, strides, padding) * cotangent)
+
+    assert "onednn_conv_forward" in _hlo(lambda x, kernel: onednn_conv(x, kernel, strides, padding), x, kernel)
+    y = jax.jit(onednn_conv, static_argnums=(2, 3))(x, kernel, strides, padding)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    dx, dw = jax.jit(jax.grad(loss(onednn_conv), argnums=(0, 1)))(x, kernel)
+    dx_ref, dw_ref = jax.grad(loss(xla_conv), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_under_vmap_each_example_is_convolved_in_turn():
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5))
+    y = jax.jit(jax.vmap(lambda x: onednn_conv(x, kernel, (1, 1), "SAME")))(x)
+    np.testing.assert_allclose(y, jax.vmap(lambda x: xla_conv(x, kernel, (1, 1), "SAME"))(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_xla_convolves_what_onednn_is_not_asked_to(monkeypatch):
+    x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    cases = {
+        "bfloat16": lambda: conv.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
+                                                      "SAME", dimension_numbers=NHWC),
+        "dilation": lambda: conv.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                                      dimension_numbers=NHWC),
+        "groups": lambda: conv.conv_general_dilated(x, kernel[..., :2, :], (1, 1), "SAME", dimension_numbers=NHWC,
+                                                    feature_group_count=2),
+        "NCHW": lambda: conv.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1), (1, 1),
+                                                  "SAME"),
+    }
+    for name, f in cases.items():
+        hlo = _hlo(f)
+        assert "onednn" not in hlo and "convolution" in hlo, name
+    monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", "0")
+    assert "onednn" not in _hlo(lambda: onednn_conv(x, kernel, (1, 1), "SAME"))
+
+
+@needs_onednn
+def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    x, t = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3)), jnp.array([3, 700])
+    params = model.init(jax.random.PRNGKey(4), x, t)
+    # conv_out starts near zero (scale 1e-10): give it weights so the comparison sees the whole network
+    params = jax.tree.map_with_path(
+        lambda path, p: jax.random.normal(jax.random.PRNGKey(5), p.shape) * 0.1 if "conv_out" in str(path) else p,
+        params)
+
+    def loss(params):
+        return jnp.mean(model.apply(params, x, t) ** 2)
+
+    # conv_in, two per block (2 down, 2 mid, 4 up), one downsample and one upsample conv, conv_out
+    assert _hlo(loss, params).count("@onednn_conv_forward(") == 1 + 2 * 8 + 2 + 1
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", "0")
+    value_ref, grads_ref = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    # some gradients are zero but for rounding (a conv's bias before a GroupNorm): their scale is the gradient's
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_ref))
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_a_program_over_several_devices_keeps_xla_convolutions():
+    # A custom call carries no partitioning rule: sharded programs keep XLA's convolutions.
+    code = ("from diffusion_jax.models import conv\n"
+            "import jax\n"
+            "assert jax.device_count() == 2 and not conv.uses_onednn()\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"})
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
