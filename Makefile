@@ -28,6 +28,7 @@ bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.samplers
 	$(BIN)/python -m benchmarks.sampler_quality
 	$(BIN)/python -m benchmarks.train_loop --steps 16
+	$(BIN)/python -m benchmarks.convolutions
 
 compare: $(VENV)/.test
 	$(BIN)/python -m benchmarks.compare

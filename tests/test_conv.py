@@ -32,6 +32,23 @@ def test_the_library_is_built_and_used_on_this_machine():
     assert conv.uses_onednn()
 
 
+def test_a_library_that_does_not_load_is_an_error_naming_the_fix(monkeypatch):
+    def broken(path):
+        raise OSError("libdnnl.so.3: cannot open shared object file")
+
+    if not conv.onednn_available():
+        pytest.skip("the library is not built here")
+    monkeypatch.setattr(conv.ctypes, "CDLL", broken)
+    conv.onednn_available.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="make install.*DIFFUSION_JAX_ONEDNN=0"):
+            conv.onednn_available()
+    finally:
+        monkeypatch.undo()
+        conv.onednn_available.cache_clear()
+        assert conv.onednn_available()  # loads and registers again
+
+
 needs_onednn = pytest.mark.skipif(not conv.uses_onednn(), reason="oneDNN convolutions not in use here")
 
 

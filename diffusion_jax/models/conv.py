@@ -38,7 +38,12 @@ def onednn_available() -> bool:
     built = sorted(pathlib.Path(__file__).parent.parent.glob("_onednn_conv*.so"))
     if not built:
         return False
-    lib = ctypes.CDLL(str(built[0]))
+    try:
+        lib = ctypes.CDLL(str(built[0]))
+    except OSError as e:  # built against a oneDNN that has since moved or gone
+        raise RuntimeError(f"cannot load {built[0]} ({e}); rebuild it with `make install` (or "
+                           "`pip install --no-build-isolation -e .`), or set DIFFUSION_JAX_ONEDNN=0 to use "
+                           "XLA's convolutions") from None
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return True
