@@ -1,5 +1,6 @@
 """oneDNN's convolutions (diffusion_jax/models/conv.py) against XLA's, and when each is used."""
 
+import functools
 import platform
 import subprocess
 import sys
@@ -17,7 +18,8 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def xla_conv(x, w, strides, padding):
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
+                                    precision=lax.Precision.HIGHEST)
 
 
 def onednn_conv(x, w, strides, padding):
@@ -75,7 +77,7 @@ def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
     def loss(f):
         return lambda x, kernel: jnp.sum(f(x, kernel, strides, padding) * cotangent)
 
-    assert "onednn_conv_forward" in _hlo(lambda x, kernel: onednn_conv(x, kernel, strides, padding), x, kernel)
+    assert "onednn_conv_forward" in _hlo(lambda x, w: onednn_conv(x, w, strides, padding), x, kernel)
     y = jax.jit(onednn_conv, static_argnums=(2, 3))(x, kernel, strides, padding)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     dx, dw = jax.jit(jax.grad(loss(onednn_conv), argnums=(0, 1)))(x, kernel)
@@ -89,21 +91,22 @@ def test_under_vmap_each_example_is_convolved_in_turn():
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5))
     y = jax.jit(jax.vmap(lambda x: onednn_conv(x, kernel, (1, 1), "SAME")))(x)
-    np.testing.assert_allclose(y, jax.vmap(lambda x: xla_conv(x, kernel, (1, 1), "SAME"))(x), rtol=1e-5, atol=1e-5)
+    y_ref = jax.vmap(lambda x: xla_conv(x, kernel, (1, 1), "SAME"))(x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
 def test_xla_convolves_what_onednn_is_not_asked_to(monkeypatch):
     x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    nhwc = functools.partial(conv.conv_general_dilated, dimension_numbers=NHWC)
+    bf16 = jnp.bfloat16
     cases = {
-        "bfloat16": lambda: conv.conv_general_dilated(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1),
-                                                      "SAME", dimension_numbers=NHWC),
-        "dilation": lambda: conv.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2),
-                                                      dimension_numbers=NHWC),
-        "groups": lambda: conv.conv_general_dilated(x, kernel[..., :2, :], (1, 1), "SAME", dimension_numbers=NHWC,
-                                                    feature_group_count=2),
-        "NCHW": lambda: conv.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1), (1, 1),
-                                                  "SAME"),
+        "bfloat16": lambda: nhwc(x.astype(bf16), kernel.astype(bf16), (1, 1), "SAME"),
+        "dilation": lambda: nhwc(x, kernel, (1, 1), "SAME", rhs_dilation=(2, 2)),
+        "groups": lambda: nhwc(x, kernel[..., :2, :], (1, 1), "SAME", feature_group_count=2),
+        "cropping": lambda: nhwc(x, kernel, (1, 1), ((-1, 1), (1, 1))),
+        "NCHW": lambda: conv.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel.transpose(3, 2, 0, 1),
+                                                  (1, 1), "SAME"),
     }
     for name, f in cases.items():
         hlo = _hlo(f)
@@ -118,9 +121,10 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     x, t = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3)), jnp.array([3, 700])
     params = model.init(jax.random.PRNGKey(4), x, t)
     # conv_out starts near zero (scale 1e-10): give it weights so the comparison sees the whole network
-    params = jax.tree.map_with_path(
-        lambda path, p: jax.random.normal(jax.random.PRNGKey(5), p.shape) * 0.1 if "conv_out" in str(path) else p,
-        params)
+    def nonzero_conv_out(path, p):
+        return jax.random.normal(jax.random.PRNGKey(5), p.shape) * 0.1 if "conv_out" in str(path) else p
+
+    params = jax.tree.map_with_path(nonzero_conv_out, params)
 
     def loss(params):
         return jnp.mean(model.apply(params, x, t) ** 2)
@@ -131,7 +135,8 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", "0")
     value_ref, grads_ref = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
-    # some gradients are zero but for rounding (a conv's bias before a GroupNorm): their scale is the gradient's
+    # some gradients are zero but for rounding (a conv's bias before a GroupNorm): their scale is the
+    # largest gradient's
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_ref))
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6 * scale)
@@ -143,6 +148,7 @@ def test_a_program_over_several_devices_keeps_xla_convolutions():
             "import jax\n"
             "assert jax.device_count() == 2 and not conv.uses_onednn()\n"
             "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"})
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]

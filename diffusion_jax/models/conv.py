@@ -10,7 +10,8 @@ all of these hold, and XLA's convolution otherwise, with the same results to flo
 - the default backend is the CPU: GPU and TPU programs never contain the call;
 - the run has one device (``jax.device_count() == 1``): a custom call carries no partitioning
   rule, so in a program sharded over several devices XLA would gather its operands whole;
-- float32 NHWC activations and HWIO weights, no dilation, one feature group (the U-Net's).
+- float32 NHWC activations and HWIO weights, no dilation, one feature group, no negative
+  padding (the U-Net's).
 
 Under ``jax.vmap`` the calls run once per mapped element (``vmap_method="sequential"``).
 ``DIFFUSION_JAX_ONEDNN=0`` turns the oneDNN path off (for comparisons).
@@ -72,7 +73,8 @@ def _out_shape(x_shape, w_shape, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _onednn_conv(x, w, geometry):
-    """y = x * w (NHWC, HWIO), oneDNN's forward convolution; ``geometry`` is a tuple of items."""
+    """y = x * w (NHWC, HWIO), oneDNN's forward convolution; ``geometry``: the FFI attributes'
+    (name, value) pairs, a tuple so that it can be a static argument."""
     g = dict(geometry)
     out = jax.ShapeDtypeStruct(_out_shape(x.shape, w.shape, g), jnp.float32)
     return jax.ffi.ffi_call("onednn_conv_forward", out, vmap_method="sequential")(x, w, **g)
@@ -101,7 +103,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """``lax.conv_general_dilated`` with oneDNN's convolution where it applies (module docstring)."""
     plain = (lhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32 and feature_group_count == 1
              and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-             and (isinstance(padding, str) or len(padding) == 2)
+             and (isinstance(padding, str) or (len(padding) == 2 and min(min(p) for p in padding) >= 0))
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
     if plain and uses_onednn():
