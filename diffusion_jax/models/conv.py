@@ -56,42 +56,33 @@ def uses_onednn() -> bool:
             and jax.device_count() == 1 and onednn_available())
 
 
-def _geometry(x_shape, w_shape, strides, padding):
-    """The FFI attributes: strides and the low/high padding of each spatial dimension."""
-    (lo_h, hi_h), (lo_w, hi_w) = (lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
-                                  if isinstance(padding, str) else padding)
-    return {name: np.int64(v) for name, v in zip(
-        ("stride_h", "stride_w", "pad_lo_h", "pad_lo_w", "pad_hi_h", "pad_hi_w"),
-        (*strides, lo_h, lo_w, hi_h, hi_w))}
+def _attributes(strides, padding):
+    """The FFI call's attributes (csrc/onednn_conv.cc's Geometry)."""
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]), pad_lo_h=np.int64(lo_h),
+                pad_lo_w=np.int64(lo_w), pad_hi_h=np.int64(hi_h), pad_hi_w=np.int64(hi_w))
 
 
-def _out_shape(x_shape, w_shape, g):
-    oh = (x_shape[1] + g["pad_lo_h"] + g["pad_hi_h"] - w_shape[0]) // g["stride_h"] + 1
-    ow = (x_shape[2] + g["pad_lo_w"] + g["pad_hi_w"] - w_shape[1]) // g["stride_w"] + 1
-    return (x_shape[0], int(oh), int(ow), w_shape[3])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv(x, w, strides, padding):
+    """y = x * w (NHWC, HWIO), oneDNN's forward convolution; ``padding``: (low, high) per side."""
+    shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, padding, _NHWC)
+    return jax.ffi.ffi_call("onednn_conv_forward", jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")(x, w, **_attributes(strides, padding))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _onednn_conv(x, w, geometry):
-    """y = x * w (NHWC, HWIO), oneDNN's forward convolution; ``geometry``: the FFI attributes'
-    (name, value) pairs, a tuple so that it can be a static argument."""
-    g = dict(geometry)
-    out = jax.ShapeDtypeStruct(_out_shape(x.shape, w.shape, g), jnp.float32)
-    return jax.ffi.ffi_call("onednn_conv_forward", out, vmap_method="sequential")(x, w, **g)
+def _onednn_conv_fwd(x, w, strides, padding):
+    return _onednn_conv(x, w, strides, padding), (x, w)
 
 
-def _onednn_conv_fwd(x, w, geometry):
-    return _onednn_conv(x, w, geometry), (x, w)
-
-
-def _onednn_conv_bwd(geometry, residuals, dy):
+def _onednn_conv_bwd(strides, padding, residuals, dy):
     """dL/dx and dL/dw from dL/dy: oneDNN's backward-data and backward-weights convolutions."""
     x, w = residuals
-    g = dict(geometry)
+    attributes = _attributes(strides, padding)
     dx = jax.ffi.ffi_call("onednn_conv_backward_data", jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          vmap_method="sequential")(x, w, dy, **g)
+                          vmap_method="sequential")(x, w, dy, **attributes)
     dw = jax.ffi.ffi_call("onednn_conv_backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype),
-                          vmap_method="sequential")(x, w, dy, **g)
+                          vmap_method="sequential")(x, w, dy, **attributes)
     return dx, dw
 
 
@@ -107,8 +98,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
     if plain and uses_onednn():
-        geometry = _geometry(lhs.shape, rhs.shape, tuple(window_strides), padding)
-        return _onednn_conv(lhs, rhs, tuple(geometry.items()))
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        return _onednn_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision)
