@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -87,14 +88,8 @@ def jax_workload(name):
             cost = exe.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
             return exe, seconds, float(cost.get("flops", 0.0))
-        previous = os.environ.get("DIFFUSION_JAX_ONEDNN")
-        os.environ["DIFFUSION_JAX_ONEDNN"] = "0"
-        try:
+        with mock.patch.dict(os.environ, DIFFUSION_JAX_ONEDNN="0"):
             cost = twin().lower(*args).cost_analysis()
-        finally:
-            os.environ.pop("DIFFUSION_JAX_ONEDNN")
-            if previous is not None:
-                os.environ["DIFFUSION_JAX_ONEDNN"] = previous
         return exe, seconds, float(cost.get("flops", 0.0))
 
     if name == "matmul":
