@@ -7,10 +7,18 @@
 // weight gradient dw (backward weights). Layouts are the U-Net's: activations NHWC, weights
 // HWIO, float32; oneDNN reorders the weights (small) into its blocked layout each call and
 // reads and writes the activations in place. Primitives are made once per shape and kept.
+//
+// XLA may run two convolutions at once, on threads other than the one that made their
+// primitives (independent branches, a backward's two gradients). oneDNN's own scratchpad is
+// shared by the primitives made on one thread (scratchpad_mode::library, as the PyPI builds
+// are configured: DNNL_ENABLE_CONCURRENT_EXEC=OFF), so every primitive here takes its
+// scratchpad from the thread that runs it (scratchpad_mode::user).
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <tuple>
 
@@ -47,6 +55,32 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// Every primitive's attributes: the caller provides the scratchpad.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A scratchpad of `desc`'s size, owned by the calling thread and reused by its later calls.
+memory Scratchpad(const memory::desc& desc) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  const size_t size = desc.get_size();
+  if (size > buffer.size) {
+    std::free(buffer.data);
+    buffer.size = 0;
+    buffer.data = std::aligned_alloc(64, (size + 63) / 64 * 64);
+    if (buffer.data == nullptr) throw std::bad_alloc();
+    buffer.size = size;
+  }
+  return memory(desc, Engine(), buffer.data);
+}
+
 const Convolution& Get(const Tensor& x, const Tensor& w, const Geometry& g) {
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -71,13 +105,14 @@ const Convolution& Get(const Tensor& x, const Tensor& w, const Geometry& g) {
   memory::desc weights_any({o, c, kh, kw}, f32, Tag::any);
   memory::dims strides{g.stride_h, g.stride_w}, pad_lo{g.pad_lo_h, g.pad_lo_w}, pad_hi{g.pad_hi_h, g.pad_hi_w};
   const auto algo = dnnl::algorithm::convolution_direct;
+  const auto attr = UserScratchpad();
   conv->fwd_pd = dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_training, algo,
                                                            conv->src, weights_any, conv->dst, strides, pad_lo,
-                                                           pad_hi);
+                                                           pad_hi, attr);
   conv->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      Engine(), algo, conv->src, weights_any, conv->dst, strides, pad_lo, pad_hi, conv->fwd_pd);
+      Engine(), algo, conv->src, weights_any, conv->dst, strides, pad_lo, pad_hi, conv->fwd_pd, attr);
   conv->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), algo, conv->src, weights_any, conv->dst, strides, pad_lo, pad_hi, conv->fwd_pd);
+      Engine(), algo, conv->src, weights_any, conv->dst, strides, pad_lo, pad_hi, conv->fwd_pd, attr);
   conv->fwd = dnnl::convolution_forward(conv->fwd_pd);
   conv->bwd_data = dnnl::convolution_backward_data(conv->bwd_data_pd);
   conv->bwd_weights = dnnl::convolution_backward_weights(conv->bwd_weights_pd);
@@ -85,12 +120,19 @@ const Convolution& Get(const Tensor& x, const Tensor& w, const Geometry& g) {
   return *entry;
 }
 
+// Copies `from` into `to`'s layout.
+void Reorder(const memory& from, const memory& to, dnnl::stream& stream) {
+  dnnl::reorder::primitive_desc pd(from, to, UserScratchpad());
+  dnnl::reorder(pd).execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                     {DNNL_ARG_SCRATCHPAD, Scratchpad(pd.scratchpad_desc())}});
+}
+
 // The HWIO weights at `data` in the layout `want`, reordered if it differs.
 memory WeightsAs(const memory::desc& want, const memory::desc& hwio, void* data, dnnl::stream& stream) {
   memory user(hwio, Engine(), data);
   if (want == hwio) return user;
   memory blocked(want, Engine());
-  dnnl::reorder(user, blocked).execute(stream, user, blocked);
+  Reorder(user, blocked, stream);
   return blocked;
 }
 
@@ -102,6 +144,8 @@ ffi::Error Guard(F body) {
     return ffi::Error::Success();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN convolution: out of memory");
   }
 }
 
@@ -112,7 +156,8 @@ ffi::Error Forward(Tensor x, Tensor w, Result y, Geometry g) {
     memory src(conv.src, Engine(), x.untyped_data());
     memory weights = WeightsAs(conv.fwd_pd.weights_desc(), conv.weights_hwio, w.untyped_data(), stream);
     memory dst(conv.dst, Engine(), y->untyped_data());
-    conv.fwd.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
+    conv.fwd.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(conv.fwd_pd.scratchpad_desc())}});
     stream.wait();
   });
 }
@@ -125,8 +170,9 @@ ffi::Error BackwardData(Tensor x, Tensor w, Tensor dy, Result dx, Geometry g) {
     memory weights = WeightsAs(conv.bwd_data_pd.weights_desc(), conv.weights_hwio, w.untyped_data(), stream);
     memory diff_dst(conv.dst, Engine(), dy.untyped_data());
     memory diff_src(conv.src, Engine(), dx->untyped_data());
-    conv.bwd_data.execute(stream,
-                          {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    conv.bwd_data.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights},
+                                   {DNNL_ARG_DIFF_SRC, diff_src},
+                                   {DNNL_ARG_SCRATCHPAD, Scratchpad(conv.bwd_data_pd.scratchpad_desc())}});
     stream.wait();
   });
 }
@@ -141,9 +187,10 @@ ffi::Error BackwardWeights(Tensor x, Tensor w, Tensor dy, Result dw, Geometry g)
     memory hwio(conv.weights_hwio, Engine(), dw->untyped_data());
     const auto want = conv.bwd_weights_pd.diff_weights_desc();
     memory diff_weights = want == conv.weights_hwio ? hwio : memory(want, Engine());
-    conv.bwd_weights.execute(stream,
-                             {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
-    if (want != conv.weights_hwio) dnnl::reorder(diff_weights, hwio).execute(stream, diff_weights, hwio);
+    conv.bwd_weights.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                      {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                                      {DNNL_ARG_SCRATCHPAD, Scratchpad(conv.bwd_weights_pd.scratchpad_desc())}});
+    if (want != conv.weights_hwio) Reorder(diff_weights, hwio, stream);
     stream.wait();
   });
 }
