@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from diffusion_jax.evaluation.inception import InceptionV3
 from diffusion_jax.models import conv
 from diffusion_jax.models.unet import UNet
 
@@ -162,6 +163,16 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_ref))
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6 * scale)
+
+
+@needs_onednn
+def test_the_inception_convolves_through_onednn():
+    # its features against pytorch-fid's, through this path, are tests/test_inception_parity.py's
+    network, images = InceptionV3(), jnp.zeros((1, 32, 32, 3), jnp.uint8)
+    params = jax.eval_shape(network.init, jax.random.PRNGKey(0), images)
+    kernels = [p for p in jax.tree.leaves(params) if p.ndim == 4]
+    hlo = _hlo(network.apply, params, images)
+    assert hlo.count("@onednn_conv_forward(") == len(kernels) == 94 and "convolution" not in hlo
 
 
 def test_a_program_over_several_devices_keeps_xla_convolutions():

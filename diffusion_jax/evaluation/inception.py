@@ -31,6 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax.models import conv
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
@@ -41,7 +43,10 @@ NUM_FEATURES, NUM_CLASSES = 2048, 1008
 
 
 class BasicConv(nn.Module):
-    """Conv -> BatchNorm -> ReLU, the BatchNorm folded into the conv's kernel and bias."""
+    """Conv -> BatchNorm -> ReLU, the BatchNorm folded into the conv's kernel and bias.
+
+    The convolution is oneDNN's on a one-device CPU run (diffusion_jax/models/conv.py).
+    """
 
     features: int
     kernel: tuple = (1, 1)
@@ -51,7 +56,8 @@ class BasicConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         pad = tuple((p, p) for p in self.padding)
-        return nn.relu(nn.Conv(self.features, self.kernel, self.strides, padding=pad, name="conv")(x))
+        return nn.relu(nn.Conv(self.features, self.kernel, self.strides, padding=pad, name="conv",
+                               conv_general_dilated=conv.conv_general_dilated)(x))
 
 
 def _avg_pool(x):

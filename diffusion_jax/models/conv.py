@@ -1,17 +1,18 @@
-"""The U-Net's 2-D convolution: oneDNN's on a one-device CPU run, XLA's everywhere else.
+"""The 2-D convolution of the U-Net and the Inception: oneDNN's on a one-device CPU run, XLA's elsewhere.
 
 ``conv_general_dilated`` is a drop-in for ``jax.lax.conv_general_dilated`` (and flax's
 ``nn.Conv(conv_general_dilated=...)``). XLA:CPU computes a convolution as an im2col copy and a
 GEMM; oneDNN's direct convolutions, called through XLA's FFI (csrc/onednn_conv.cc), are
-faster on the U-Net's shapes (benchmarks/README.md), forward and backward. They are used when
-all of these hold, and XLA's convolution otherwise, with the same results to float32 rounding:
+faster on the U-Net's shapes (benchmarks/README.md), forward and backward, and on the
+Inception's (FID features). They are used when all of these hold, and XLA's convolution
+otherwise, with the same results to float32 rounding:
 
 - the library was built (``make install`` builds it on x86-64, see setup.py);
 - the default backend is the CPU: GPU and TPU programs never contain the call;
 - the run has one device (``jax.device_count() == 1``): a custom call carries no partitioning
   rule, so in a program sharded over several devices XLA would gather its operands whole;
 - float32 NHWC activations and HWIO weights, no dilation, one feature group, no negative
-  padding (the U-Net's).
+  padding (both networks').
 
 Under ``jax.vmap`` the calls run once per mapped element (``vmap_method="sequential"``).
 ``DIFFUSION_JAX_ONEDNN=0`` turns the oneDNN path off (for comparisons).
