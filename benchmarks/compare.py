@@ -18,13 +18,16 @@ and runs, after set-up and compiling.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from benchmarks.workers import IMAGES
@@ -41,8 +44,8 @@ LONG = ("ddim50", "fid1000")
 
 
 class Worker:
-    def __init__(self, framework: str, workload: str):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    def __init__(self, framework: str, workload: str, cache: str):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=cache)
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, workload],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._read()
@@ -66,10 +69,10 @@ class Worker:
         return peak
 
 
-def measure(workload: str, reps: int, frameworks=("jax", "torch")) -> dict:
+def measure(workload: str, reps: int, cache: str, frameworks=("jax", "torch")) -> dict:
     workers = {}
     for framework in frameworks:  # one at a time: set-up and compiling are not timed against each other
-        workers[framework] = Worker(framework, workload)
+        workers[framework] = Worker(framework, workload, cache)
     times = {f: [] for f in frameworks}
     for _ in range(reps):
         for framework in frameworks:
@@ -87,7 +90,9 @@ def main():
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the figures")
     args = parser.parse_args()
     started = time.perf_counter()
-    peak = measure("matmul", args.reps)
+    cache = tempfile.mkdtemp(prefix="benchmark-cache-")  # the JAX workers' compilation cache (workers.py)
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    peak = measure("matmul", args.reps, cache)
     matmul_gflops = {f: peak[f]["flops"] / peak[f]["median_s"] / 1e9 for f in peak}
     results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
                f"{os.cpu_count()} cores", "matmul_gflops": matmul_gflops, "workloads": {}}
@@ -100,7 +105,7 @@ def main():
         if args.only and workload not in args.only:
             continue
         start = time.perf_counter()
-        m = measure(workload, args.long_reps if workload in LONG else args.reps)
+        m = measure(workload, args.long_reps if workload in LONG else args.reps, cache)
         images = IMAGES[workload]
         jax_rate, torch_rate = images / m["jax"]["median_s"], images / m["torch"]["median_s"]
         gflops = m["jax"]["flops"] / m["jax"]["median_s"] / 1e9 if m["jax"]["flops"] else None
@@ -113,7 +118,7 @@ def main():
               f"{m['jax']['peak_rss_mb']:7.0f}/{m['torch']['peak_rss_mb']:<7.0f}", flush=True)
     if args.torch_compile:
         start = time.perf_counter()
-        m = measure("forward64_compiled", args.reps, frameworks=("torch",))["torch"]
+        m = measure("forward64_compiled", args.reps, cache, frameworks=("torch",))["torch"]
         results["workloads"]["forward64_torch_compile"] = dict(m, wall_s=time.perf_counter() - start)
         print(f"diffusers forward, batch 64, torch.compile: {IMAGES['forward64_compiled'] / m['median_s']:.2f} img/s "
               f"(compiling {m['compile_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB)")

@@ -12,8 +12,11 @@ hands glibc's free memory back to the system (malloc_trim), outside the timed re
 peer that kept ~1.3 GB of freed heap made the other framework's next train step 25-35% slower
 on this machine (JAX 3.9 s alone, 5.3 s after a diffusers step; 3.9 s with the trim).
 
-The long workloads warm up on less work (DDIM: one step; FID: one batch); JAX's DDIM loop is
-compiled ahead of time into a throw-away persistent cache, from which its first run loads it.
+The long workloads warm up on less work (DDIM: one step; FID: 20 images); JAX's DDIM loop and
+Inception are compiled ahead of time into a persistent compilation cache, from which their first
+run loads them. compare.py gives all JAX workers of a run one throw-away cache
+(JAX_COMPILATION_CACHE_DIR), so that the U-Net's initialization (~10 s of compiling, not a
+figure) is compiled once a run; run alone, a worker makes its own.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ def _peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
+def _use_compilation_cache(jax) -> None:
+    """Cache every compiled program in $JAX_COMPILATION_CACHE_DIR, or else in a directory of this process."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = tempfile.mkdtemp(prefix="benchmark-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def jax_workload(name):
     """(run, warm-up or None for ``run``, compile seconds, FLOPs of one run by XLA's cost analysis)."""
     import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
@@ -96,14 +108,19 @@ def jax_workload(name):
         a = jnp.asarray(np.random.default_rng(0).normal(size=(2048, 2048)), jnp.float32)
         exe, seconds, flops = compiled(jax.jit(jnp.matmul), a, a)
         return (lambda: exe(a, a).block_until_ready()), None, seconds, flops
+    _use_compilation_cache(jax)
     config = _cifar10_config()
-    if name == "fid1000":
-        params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
-        extractor, images = inception.Extractor(params["params"]), _images(IMAGES[name])
+    if name == "fid1000":  # random weights at fan-in scale, as the peer's (the work is the same)
+        shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.PRNGKey(0),
+                                jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
+        rng = np.random.default_rng(0)
+        params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1])) if
+                                         len(s.shape) > 1 else np.zeros(s.shape)).astype(np.float32), shapes)
+        extractor, images = inception.Extractor(params), _images(IMAGES[name])
         batch = jnp.asarray(images[:extractor.batch_size])
-        _, seconds, flops = compiled(jax.jit(inception.InceptionV3().apply), params, batch)
-        return (lambda: extractor(images)), (lambda: extractor(images[:extractor.batch_size])), seconds, \
-            flops * IMAGES[name] / extractor.batch_size
+        _, seconds, flops = compiled(extractor.apply, {"params": params}, batch,
+                                     twin=lambda: inception.Extractor(params).apply)
+        return (lambda: extractor(images)), (lambda: None), seconds, flops * IMAGES[name] / extractor.batch_size
     trainer = train_lib.Trainer(config)
     if name == "forward64":
         params = trainer.init(jax.random.PRNGKey(0)).params
@@ -130,10 +147,6 @@ def jax_workload(name):
 
         return run, None, seconds, flops
     if name == "ddim50":
-        cache = tempfile.mkdtemp(prefix="ddim50-cache-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng = jax.random.PRNGKey(2)
         _, seconds, flops = compiled(trainer.generate.compiled(IMAGES[name]), params, rng, np.int32(0),
@@ -162,9 +175,9 @@ def torch_workload(name):
         def run(num=IMAGES[name]):
             with torch.no_grad():
                 for start in range(0, num, 200):  # pytorch-fid's default batch is 50; 200 as ours
-                    model(images[start:start + 200])
+                    model(images[start:min(start + 200, num)])
 
-        return run, (lambda: run(200)), 0.0, 0.0
+        return run, (lambda: run(20)), 0.0, 0.0
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
     from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10

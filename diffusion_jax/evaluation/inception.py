@@ -272,8 +272,9 @@ class Extractor:
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self.params, self.data = params, NamedSharding(mesh, P("data"))
-        self._apply = jax.jit(InceptionV3().apply, in_shardings=(NamedSharding(mesh, P()), self.data),
-                              out_shardings=self.data)
+        # the jitted network: (variables, uint8 [batch_size, H, W, 3]) -> (pool, logits)
+        self.apply = jax.jit(InceptionV3().apply, in_shardings=(NamedSharding(mesh, P()), self.data),
+                             out_shardings=self.data)
 
     def __call__(self, images: np.ndarray):
         """uint8 [N, H, W, C] -> (pool [N, 2048] float64, logits [N, 1008] float32)."""
@@ -283,7 +284,7 @@ class Extractor:
             padded = np.concatenate([batch, np.zeros((self.batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
             x = jax.make_array_from_callback(padded.shape, self.data, lambda index: padded[index])
             pool, logit = (np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)]
-                           for a in self._apply({"params": self.params}, x))
+                           for a in self.apply({"params": self.params}, x))
             pools.append(pool.astype(np.float64))
             logits.append(logit)
         return np.concatenate(pools), np.concatenate(logits)
