@@ -110,7 +110,7 @@ def jax_workload(name):
         return (lambda: exe(a, a).block_until_ready()), None, seconds, flops
     _use_compilation_cache(jax)
     config = _cifar10_config()
-    if name == "fid1000":  # random weights at fan-in scale, as the peer's (the work is the same)
+    if name == "fid1000":  # random weights (at fan-in scale), as the peer's are: the work is the same
         shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.PRNGKey(0),
                                 jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
         rng = np.random.default_rng(0)
