@@ -120,7 +120,8 @@ def jax_workload(name):
         batch = jnp.asarray(images[:extractor.batch_size])
         _, seconds, flops = compiled(extractor.apply, {"params": params}, batch,
                                      twin=lambda: inception.Extractor(params).apply)
-        return (lambda: extractor(images)), (lambda: None), seconds, flops * IMAGES[name] / extractor.batch_size
+        flops *= IMAGES[name] / extractor.batch_size  # counted for one batch
+        return (lambda: extractor(images)), (lambda: None), seconds, flops
     trainer = train_lib.Trainer(config)
     if name == "forward64":
         params = trainer.init(jax.random.PRNGKey(0)).params
