@@ -114,8 +114,13 @@ def jax_workload(name):
         shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.PRNGKey(0),
                                 jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
         rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1])) if
-                                         len(s.shape) > 1 else np.zeros(s.shape)).astype(np.float32), shapes)
+
+        def random_weights(s):  # kernels at fan-in scale, zero biases
+            if len(s.shape) == 1:
+                return np.zeros(s.shape, np.float32)
+            return (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))).astype(np.float32)
+
+        params = jax.tree.map(random_weights, shapes)
         extractor, images = inception.Extractor(params), _images(IMAGES[name])
         batch = jnp.asarray(images[:extractor.batch_size])
         _, seconds, flops = compiled(extractor.apply, {"params": params}, batch,
