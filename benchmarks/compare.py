@@ -6,12 +6,13 @@ For the DDPM CIFAR-10 network (35.7M parameters): forward at batch 64; a full tr
 (forward, backward, clipping, Adam, EMA) at batch 16 and 32; DDIM-50 sampling of 64 images end
 to end (sample.py's path against diffusers' DDIMPipeline); Inception features of 1,000 32x32
 images (the Flax port against pytorch-fid). Each workload runs in a process of its own per
-framework (so that its peak resident memory is its own), both set up and warmed up, then
-timed alternately: jax, torch, jax, torch, ...; the figure is the median. torch uses 2
+framework (so that its peak resident memory is its own). The two set up (imports, model,
+tracing) at the same time; then each compiles and warms up alone, and they are timed
+alternately: jax, torch, jax, torch, ...; the figure is the median. torch uses 2
 threads, as XLA's CPU backend does on this 2-core machine. The two long workloads (DDIM-50,
 FID features) take --long-reps repetitions and warm up on less work (see workers.py). GFLOP/s
-come from XLA's cost analysis of the compiled program, as a fraction of the fp32 matmul rate
-measured here (2048^3, JAX). Peak resident memory (RSS) is each worker's peak over its warm-up
+come from XLA's cost analysis of the program (before optimization), as a fraction of the fp32
+matmul rate measured here (2048^3, JAX). Peak resident memory (RSS) is each worker's peak over its warm-up
 and runs, after set-up and compiling.
 """
 
@@ -44,40 +45,48 @@ LONG = ("ddim50", "fid1000")
 
 
 class Worker:
+    """A process of benchmarks/workers.py, started to set up; see there for the protocol."""
+
     def __init__(self, framework: str, workload: str, cache: str):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=cache)
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, workload],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.ready = self._read()
 
-    def _read(self) -> dict:
+    def _send(self, command: str) -> dict:
+        if command:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"benchmark worker {self.process.args[3:]} died (exit {self.process.wait()})")
         return json.loads(line)
 
+    def set_up(self) -> None:
+        self._send("")
+
+    def compile(self) -> dict:
+        return self._send("compile")
+
     def run(self) -> float:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        return self._read()["seconds"]
+        return self._send("run")["seconds"]
 
     def close(self) -> float:
-        self.process.stdin.write("exit\n")
-        self.process.stdin.flush()
-        peak = self._read()["peak_rss_mb"]
+        peak = self._send("exit")["peak_rss_mb"]
         self.process.wait()
         return peak
 
 
 def measure(workload: str, reps: int, cache: str, frameworks=("jax", "torch")) -> dict:
-    workers = {}
-    for framework in frameworks:  # one at a time: set-up and compiling are not timed against each other
-        workers[framework] = Worker(framework, workload, cache)
+    """The frameworks' workers set up at the same time; compiling, warm-ups and runs are one at a time."""
+    workers = {framework: Worker(framework, workload, cache) for framework in frameworks}
+    for worker in workers.values():
+        worker.set_up()
+    ready = {framework: worker.compile() for framework, worker in workers.items()}
     times = {f: [] for f in frameworks}
     for _ in range(reps):
         for framework in frameworks:
             times[framework].append(workers[framework].run())
-    return {f: dict(workers[f].ready, times=times[f], median_s=statistics.median(times[f]),
+    return {f: dict(ready[f], times=times[f], median_s=statistics.median(times[f]),
                     peak_rss_mb=workers[f].close()) for f in frameworks}
 
 

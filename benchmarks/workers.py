@@ -2,9 +2,12 @@
 
     python -m benchmarks.workers {jax,torch} WORKLOAD
 
-Protocol on stdin/stdout, one JSON object a line: after set-up and a warm-up call the
-worker prints {"ready": ..., "compile_s": ..., "flops": ...}; each "run" line runs the
-workload once and prints {"seconds": ...}; "exit" prints {"peak_rss_mb": ...} and exits.
+Protocol on stdin/stdout, one JSON object a line: after set-up (imports, model, data, tracing,
+the FLOP count) the worker prints {"set_up": true} and waits; on "compile" it compiles and
+makes a warm-up call, then prints {"ready": ..., "compile_s": ..., "flops": ...}; each "run"
+line runs the workload once and prints {"seconds": ...}; "exit" prints {"peak_rss_mb": ...}
+and exits. compare.py lets the two frameworks' workers set up at the same time, and then
+compiles, warms up and times them one at a time.
 The peak resident memory is that of the warm-up and the runs: the peak is reset after set-up
 (imports, model, compiling), so it counts what stays resident (libraries, weights, state)
 and what a run adds, not the compiler's own peak. After set-up and after each run the worker
@@ -77,7 +80,10 @@ def _use_compilation_cache(jax) -> None:
 
 
 def jax_workload(name):
-    """(run, warm-up or None for ``run``, compile seconds, FLOPs of one run by XLA's cost analysis)."""
+    """Set up ``name``: (FLOPs of one run by XLA's cost analysis, ``build``).
+
+    ``build()`` compiles and gives (run, warm-up or None for ``run``, compile seconds).
+    """
     import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
     import jax
     import jax.numpy as jnp
@@ -87,27 +93,34 @@ def jax_workload(name):
     from diffusion_jax.models import conv
 
     def compiled(jitted, *args, twin=None):
-        """(executable, compile seconds, FLOPs by XLA's cost analysis).
+        """(FLOPs by XLA's cost analysis, ``compile`` giving the executable and its compile seconds).
 
         XLA counts no FLOPs in a custom call, so for a program with oneDNN's convolutions
         (diffusion_jax/models/conv.py) ``twin`` makes the same program afresh, which is traced
-        with XLA's convolutions and counted before optimization (the same FLOPs here).
+        with XLA's convolutions. Either is counted before optimization.
         """
-        start = time.perf_counter()
-        exe = jitted.lower(*args).compile()
-        seconds = time.perf_counter() - start
-        if twin is None or not conv.uses_onednn():
-            cost = exe.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            return exe, seconds, float(cost.get("flops", 0.0))
-        with mock.patch.dict(os.environ, DIFFUSION_JAX_ONEDNN="0"):
-            cost = twin().lower(*args).cost_analysis()
-        return exe, seconds, float(cost.get("flops", 0.0))
+        lowered = jitted.lower(*args)
+        counted = lowered
+        if twin is not None and conv.uses_onednn():
+            with mock.patch.dict(os.environ, DIFFUSION_JAX_ONEDNN="0"):
+                counted = twin().lower(*args)
+
+        def compile_():
+            start = time.perf_counter()
+            exe = lowered.compile()
+            return exe, time.perf_counter() - start
+
+        return float(counted.cost_analysis().get("flops", 0.0)), compile_
 
     if name == "matmul":
         a = jnp.asarray(np.random.default_rng(0).normal(size=(2048, 2048)), jnp.float32)
-        exe, seconds, flops = compiled(jax.jit(jnp.matmul), a, a)
-        return (lambda: exe(a, a).block_until_ready()), None, seconds, flops
+        flops, compile_ = compiled(jax.jit(jnp.matmul), a, a)
+
+        def build():
+            exe, seconds = compile_()
+            return (lambda: exe(a, a).block_until_ready()), None, seconds
+
+        return flops, build
     _use_compilation_cache(jax)
     config = _cifar10_config()
     if name == "fid1000":  # random weights (at fan-in scale), as the peer's are: the work is the same
@@ -123,10 +136,13 @@ def jax_workload(name):
         params = jax.tree.map(random_weights, shapes)
         extractor, images = inception.Extractor(params), _images(IMAGES[name])
         batch = jnp.asarray(images[:extractor.batch_size])
-        _, seconds, flops = compiled(extractor.apply, {"params": params}, batch,
-                                     twin=lambda: inception.Extractor(params).apply)
-        flops *= IMAGES[name] / extractor.batch_size  # counted for one batch
-        return (lambda: extractor(images)), (lambda: None), seconds, flops
+        flops, compile_ = compiled(extractor.apply, {"params": params}, batch,
+                                   twin=lambda: inception.Extractor(params).apply)
+
+        def build():  # into the compilation cache, from which the first run loads it
+            return (lambda: extractor(images)), (lambda: None), compile_()[1]
+
+        return flops * IMAGES[name] / extractor.batch_size, build  # counted for one batch
     trainer = train_lib.Trainer(config)
     if name == "forward64":
         params = trainer.init(jax.random.PRNGKey(0)).params
@@ -135,8 +151,13 @@ def jax_workload(name):
         def forward():
             return jax.jit(lambda p, x, t: trainer.model.apply({"params": p}, x, t))
 
-        exe, seconds, flops = compiled(forward(), params, x, t, twin=forward)
-        return (lambda: exe(params, x, t).block_until_ready()), None, seconds, flops
+        flops, compile_ = compiled(forward(), params, x, t, twin=forward)
+
+        def build():
+            exe, seconds = compile_()
+            return (lambda: exe(params, x, t).block_until_ready()), None, seconds
+
+        return flops, build
     if name.startswith("train"):
         batch_size = IMAGES[name]
         config.train.batch_size = batch_size
@@ -144,32 +165,42 @@ def jax_workload(name):
         box = [trainer.init(jax.random.PRNGKey(0))]
         batch = trainer.global_batch(_images(batch_size).astype(np.float32) / 127.5 - 1)
         rng = jax.random.PRNGKey(1)
-        exe, seconds, flops = compiled(trainer.step, box[0], batch, rng,
-                                       twin=lambda: train_lib.Trainer(config).step)
+        flops, compile_ = compiled(trainer.step, box[0], batch, rng, twin=lambda: train_lib.Trainer(config).step)
 
-        def run():
-            box[0], metrics = exe(box[0], batch, rng)
-            jax.block_until_ready(metrics)
+        def build():
+            exe, seconds = compile_()
 
-        return run, None, seconds, flops
+            def run():
+                box[0], metrics = exe(box[0], batch, rng)
+                jax.block_until_ready(metrics)
+
+            return run, None, seconds
+
+        return flops, build
     if name == "ddim50":
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng = jax.random.PRNGKey(2)
-        _, seconds, flops = compiled(trainer.generate.compiled(IMAGES[name]), params, rng, np.int32(0),
-                                     twin=lambda: train_lib.Trainer(config).generate.compiled(IMAGES[name]))
-        flops *= config.sample.steps  # XLA counts a loop's body once
-        return (lambda: trainer.generate(params, IMAGES[name], rng, 0)), (lambda: None), seconds, flops
+        flops, compile_ = compiled(trainer.generate.compiled(IMAGES[name]), params, rng, np.int32(0),
+                                   twin=lambda: train_lib.Trainer(config).generate.compiled(IMAGES[name]))
+
+        def build():  # into the compilation cache, from which the first run loads it
+            return (lambda: trainer.generate(params, IMAGES[name], rng, 0)), (lambda: None), compile_()[1]
+
+        return flops * config.sample.steps, build  # XLA counts a loop's body once
     raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
 
 
 def torch_workload(name):
-    """The same work in PyTorch: diffusers' UNet2DModel (google/ddpm-cifar10-32's config) or pytorch-fid."""
+    """The same work in PyTorch: diffusers' UNet2DModel (google/ddpm-cifar10-32's config) or pytorch-fid.
+
+    As ``jax_workload``: (0 FLOPs, uncounted; ``build``); only torch.compile has a compile time.
+    """
     import torch
 
     torch.set_num_threads(2)
     if name == "matmul":
         a = torch.randn(2048, 2048)
-        return (lambda: torch.matmul(a, a)), None, 0.0, 2 * 2048 ** 3
+        return 2 * 2048 ** 3, lambda: ((lambda: torch.matmul(a, a)), None, 0.0)
     if name == "fid1000":
         from pytorch_fid import inception as pytorch_fid_inception
 
@@ -178,12 +209,12 @@ def torch_workload(name):
         model = pytorch_fid_inception.InceptionV3([3]).eval()
         images = torch.from_numpy(_images(IMAGES[name])).permute(0, 3, 1, 2).float() / 255
 
-        def run(num=IMAGES[name]):
+        def extract(num=IMAGES[name]):
             with torch.no_grad():
                 for start in range(0, num, 200):  # pytorch-fid's default batch is 50; 200 as ours
                     model(images[start:min(start + 200, num)])
 
-        return run, (lambda: run(20)), 0.0, 0.0
+        return 0.0, lambda: (extract, (lambda: extract(20)), 0.0)
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
     from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
@@ -193,18 +224,22 @@ def torch_workload(name):
     if name in ("forward64", "forward64_compiled"):
         model.eval()
         x, t = torch.randn(IMAGES[name], 3, 32, 32), torch.arange(IMAGES[name]) * 15
-        forward, seconds = model, 0.0
-        if name == "forward64_compiled":
-            forward, start = torch.compile(model), time.perf_counter()
-            with torch.no_grad():
-                forward(x, t)
-            seconds = time.perf_counter() - start
 
-        def run():
-            with torch.no_grad():
-                forward(x, t)
+        def build():
+            forward, seconds = model, 0.0
+            if name == "forward64_compiled":
+                forward, start = torch.compile(model), time.perf_counter()
+                with torch.no_grad():
+                    forward(x, t)
+                seconds = time.perf_counter() - start
 
-        return run, None, seconds, 0.0
+            def run():
+                with torch.no_grad():
+                    forward(x, t)
+
+            return run, None, seconds
+
+        return 0.0, build
     if name.startswith("train"):
         batch_size = IMAGES[name]
         from diffusers import DDPMScheduler
@@ -216,7 +251,7 @@ def torch_workload(name):
         ema = EMAModel(model.parameters(), decay=0.9999)
         x0 = torch.from_numpy(_images(batch_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-        def run():
+        def step():
             noise = torch.randn_like(x0)
             t = torch.randint(0, 1000, (batch_size,))
             loss = torch.nn.functional.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
@@ -226,22 +261,26 @@ def torch_workload(name):
             optimizer.step()
             ema.step(model.parameters())
 
-        return run, None, 0.0, 0.0
+        return 0.0, lambda: (step, None, 0.0)
     if name == "ddim50":
         model.eval()
         pipeline = DDIMPipeline(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=True))
         pipeline.set_progress_bar_config(disable=True)
 
-        def run(steps=50):
+        def sample(steps=50):
             pipeline(batch_size=IMAGES[name], num_inference_steps=steps, eta=0.0, output_type="np")
 
-        return run, (lambda: run(1)), 0.0, 0.0
+        return 0.0, lambda: (sample, (lambda: sample(1)), 0.0)
     raise ValueError(f"unknown workload {name!r}; one of {WORKLOADS}")
 
 
 def main():
     framework, name = sys.argv[1:3]
-    run, warmup, compile_s, flops = (jax_workload if framework == "jax" else torch_workload)(name)
+    flops, build = (jax_workload if framework == "jax" else torch_workload)(name)
+    print(json.dumps({"set_up": True}), flush=True)
+    if sys.stdin.readline().strip() != "compile":
+        return
+    run, warmup, compile_s = build()
     _release_free_memory()
     _reset_peak_rss()
     start = time.perf_counter()
