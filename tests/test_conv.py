@@ -88,6 +88,32 @@ def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
 
 
 @needs_onednn
+def test_a_dense_layer_over_nhwc_channels_is_a_1x1_convolution():
+    # nn.Dense(dot_general=conv.dot_general) on activations, as the U-Net's q, k, v, proj_out and shortcuts
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, kernel = jax.random.normal(kx, (2, 5, 6, 12)), jax.random.normal(kw, (12, 7)) / np.sqrt(12)
+    cotangent = jax.random.normal(ky, (2, 5, 6, 7))
+    dense = (((3,), (0,)), ((), ()))
+
+    def loss(dot_general):
+        return lambda x, kernel: jnp.sum(dot_general(x, kernel, dense) * cotangent)
+
+    ours = functools.partial(conv.dot_general, dimension_numbers=dense)
+    assert "onednn_conv_forward" in _hlo(ours, x, kernel)
+    y_ref = jnp.einsum("nhwc,co->nhwo", x, kernel, precision="highest")
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), y_ref, rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(conv.dot_general), argnums=(0, 1)))(x, kernel)
+    xla_dot = functools.partial(lax.dot_general, precision="highest")
+    grads_ref = jax.grad(loss(xla_dot), argnums=(0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    # a dense layer on vectors (the timestep embedding's) and other contractions stay XLA's dot
+    for args in ((x[:, 0, 0], kernel, (((1,), (0,)), ((), ()))), (x, x, (((3,), (3,)), ((0,), (0,))))):
+        hlo = _hlo(lambda a, b, d=args[2]: conv.dot_general(a, b, d), *args[:2])
+        assert "onednn" not in hlo and "dot_general" in hlo
+
+
+@needs_onednn
 def test_under_vmap_each_example_is_convolved_in_turn():
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 6, 6, 4))
     kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 5))
@@ -152,8 +178,9 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     def loss(params):
         return jnp.mean(model.apply(params, x, t) ** 2)
 
-    # conv_in, two per block (2 down, 2 mid, 4 up), one downsample and one upsample conv, conv_out
-    assert _hlo(loss, params).count("@onednn_conv_forward(") == 1 + 2 * 8 + 2 + 1
+    # conv_in, two per block (2 down, 2 mid, 4 up), one downsample and one upsample conv, conv_out;
+    # the 1x1 layers: q, k, v and proj_out of 4 attention blocks, 5 shortcuts
+    assert _hlo(loss, params).count("@onednn_conv_forward(") == 1 + 2 * 8 + 2 + 1 + 4 * 4 + 5
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", "0")
     value_ref, grads_ref = jax.jit(jax.value_and_grad(loss))(params)

@@ -65,7 +65,8 @@ class _Layers:
                        conv_general_dilated=conv.conv_general_dilated)
 
     def dense(self, features, name, *, scale=1.0):
-        return nn.Dense(features, name=name, kernel_init=default_init(scale), dtype=self.dtype)
+        return nn.Dense(features, name=name, kernel_init=default_init(scale), dtype=self.dtype,
+                        dot_general=conv.dot_general)
 
     def norm(self, name):
         return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, name=name, dtype=jnp.float32)
