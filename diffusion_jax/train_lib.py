@@ -113,24 +113,23 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
 
     (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = config.optim.ema_decay
-    if config.optim.ema_warmup:  # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
-        decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
-    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
 
+    def update(state: TrainState) -> TrainState:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = config.optim.ema_decay
+        if config.optim.ema_warmup:  # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
+            decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+        return state._replace(
+            params=params, ema_params=optax.incremental_update(params, state.ema_params, 1.0 - decay),
+            opt_state=opt_state, loss_history=None if state.loss_history is None else timestep_sampler.update(
+                state.loss_history, t, per_example))
+
+    # one branch, not a select per leaf of the state: less to compile (~1-2 s of the CIFAR-10 step's 20)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
-    state = TrainState(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        ema_params=keep(ema_params, state.ema_params),
-        opt_state=keep(opt_state, state.opt_state),
-        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
-        loss_history=None if state.loss_history is None else keep(
-            timestep_sampler.update(state.loss_history, t, per_example), state.loss_history),
-    )
+    state = jax.lax.cond(finite, update, lambda state: state, state)
+    state = state._replace(step=state.step + 1,
+                           bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
     return state, dict(loss=loss, grad_norm=grad_norm, lr=lr)
 
 
