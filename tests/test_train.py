@@ -39,8 +39,7 @@ def train(workdir, *overrides, devices=1, expect=0):
     return scripts.run("train.py", *arguments(workdir, *overrides), devices=devices, expect=expect, timeout=600)
 
 
-@functools.lru_cache(maxsize=None)
-def abstract_state(*overrides):
+def tiny_config(*overrides):
     spec = importlib.util.spec_from_file_location("tiny_config", CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -49,7 +48,12 @@ def abstract_state(*overrides):
         key, value = override.split("=")
         section, name = key.split(".")
         config[section][name] = value
-    return train_lib.Trainer(config).abstract_state()
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_state(*overrides):
+    return train_lib.Trainer(tiny_config(*overrides)).abstract_state()
 
 
 def checkpoint(workdir, *overrides):
@@ -247,6 +251,15 @@ def test_importance_sampled_kl_training_keeps_its_loss_history_across_a_resume(t
     assert float(np.abs(state.loss_history.losses).sum()) > 0
     result = train(workdir, "diffusion.loss_type=kl", "train.num_steps=6", expect=2)
     assert "trained with diffusion.timestep_sampler 'loss-second-moment', the config has 'uniform'" in result.stderr
+
+
+def test_the_init_compiled_for_a_quick_compile_draws_the_same_parameters():
+    c = tiny_config()
+    trainer = train_lib.Trainer(c)
+    fully_optimized = jax.jit(functools.partial(train_lib.init_state, c, trainer.model, trainer.tx))
+    ours, reference = trainer.init(jax.random.PRNGKey(3)), fully_optimized(jax.random.PRNGKey(3))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cifar10_config_is_the_papers_run():
