@@ -7,9 +7,8 @@ For the DDPM CIFAR-10 network (35.7M parameters): forward at batch 64; a full tr
 to end (sample.py's path against diffusers' DDIMPipeline); Inception features of 1,000 32x32
 images (the Flax port against pytorch-fid). Each workload runs in a process of its own per
 framework (so that its peak resident memory is its own). The two set up (imports, model,
-tracing) at the same time, and the peer warms up while JAX's worker is still tracing; then
-JAX's compiles and warms up alone, and they are timed alternately: jax, torch, jax, torch,
-...; the figure is the median. torch uses 2
+tracing) at the same time; then each compiles and warms up alone, and they are timed
+alternately: jax, torch, jax, torch, ...; the figure is the median. torch uses 2
 threads, as XLA's CPU backend does on this 2-core machine. The two long workloads (DDIM-50,
 FID features) take --long-reps repetitions and warm up on less work (see workers.py). GFLOP/s
 come from XLA's cost analysis of the program (before optimization), as a fraction of the fp32
@@ -78,16 +77,11 @@ class Worker:
 
 
 def measure(workload: str, reps: int, cache: str, frameworks=("jax", "torch")) -> dict:
-    """Medians of ``reps`` alternating runs of ``workload`` in each framework's worker.
-
-    The workers set up at the same time; the peer's (which compiles nothing) then warms up while
-    JAX's is still setting up (tracing, one thread); JAX's compiles and warms up after, alone.
-    """
+    """The frameworks' workers set up at the same time; compiling, warm-ups and runs are one at a time."""
     workers = {framework: Worker(framework, workload, cache) for framework in frameworks}
-    ready = {}
-    for framework in sorted(frameworks, key=lambda f: f == "jax"):
-        workers[framework].set_up()
-        ready[framework] = workers[framework].compile()
+    for worker in workers.values():
+        worker.set_up()
+    ready = {framework: worker.compile() for framework, worker in workers.items()}
     times = {f: [] for f in frameworks}
     for _ in range(reps):
         for framework in frameworks:
