@@ -6,8 +6,8 @@ Protocol on stdin/stdout, one JSON object a line: after set-up (imports, model, 
 the FLOP count) the worker prints {"set_up": true} and waits; on "compile" it compiles and
 makes a warm-up call, then prints {"ready": ..., "compile_s": ..., "flops": ...}; each "run"
 line runs the workload once and prints {"seconds": ...}; "exit" prints {"peak_rss_mb": ...}
-and exits. compare.py lets the two frameworks' workers set up at the same time, and then
-compiles, warms up and times them one at a time.
+and exits. compare.py lets the two frameworks' workers set up at the same time (tracing and
+imports, one thread each), and then compiles, warms up and times them one at a time.
 The peak resident memory is that of the warm-up and the runs: the peak is reset after set-up
 (imports, model, compiling), so it counts what stays resident (libraries, weights, state)
 and what a run adds, not the compiler's own peak. After set-up and after each run the worker
