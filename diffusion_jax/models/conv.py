@@ -5,9 +5,10 @@
 flax's ``nn.Dense(dot_general=...)``, which computes a dense layer over the channels of NHWC
 activations (the U-Net's 1x1 "NIN" layers) as a 1x1 convolution, and any other product as XLA
 does. XLA:CPU computes a convolution as an im2col copy and a GEMM; oneDNN's direct
-convolutions, called through XLA's FFI (csrc/onednn_conv.cc), are faster on the U-Net's shapes (benchmarks/README.md), forward and backward, and on the
-Inception's (FID features). They are used when all of these hold, and XLA's convolution
-otherwise, with the same results to float32 rounding:
+convolutions, called through XLA's FFI (csrc/onednn_conv.cc), are faster on the U-Net's
+shapes (benchmarks/README.md), forward and backward, and on the Inception's (FID features).
+They are used when all of these hold, and XLA's convolution otherwise, with the same results
+to float32 rounding:
 
 - the library was built (``make install`` builds it on x86-64, see setup.py);
 - the default backend is the CPU: GPU and TPU programs never contain the call;
