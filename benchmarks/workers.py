@@ -165,7 +165,8 @@ def jax_workload(name):
         box = [trainer.init(jax.random.PRNGKey(0))]
         batch = trainer.global_batch(_images(batch_size).astype(np.float32) / 127.5 - 1)
         rng = jax.random.PRNGKey(1)
-        flops, compile_ = compiled(trainer.step, box[0], batch, rng, twin=lambda: train_lib.Trainer(config).step)
+        flops, compile_ = compiled(trainer.step, box[0], batch, rng,
+                                   twin=lambda: train_lib.Trainer(config).step)
 
         def build():
             exe, seconds = compile_()
