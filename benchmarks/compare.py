@@ -52,17 +52,19 @@ class Worker:
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, workload],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
-    def _send(self, command: str) -> dict:
-        if command:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
+    def _read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"benchmark worker {self.process.args[3:]} died (exit {self.process.wait()})")
         return json.loads(line)
 
+    def _send(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
     def set_up(self) -> None:
-        self._send("")
+        self._read()
 
     def compile(self) -> dict:
         return self._send("compile")
