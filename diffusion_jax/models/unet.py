@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import conv
+from diffusion_jax.models import conv, norm
 
 GROUPS = 32
 NORM_EPS = 1e-6
@@ -69,7 +69,7 @@ class _Layers:
                         dot_general=conv.dot_general)
 
     def norm(self, name):
-        return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, name=name, dtype=jnp.float32)
+        return norm.GroupNorm(GROUPS, NORM_EPS, name=name)
 
 
 class ResnetBlock(nn.Module):
