@@ -87,6 +87,36 @@ def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
+@pytest.mark.parametrize("n,h,w,c,o", [(2, 4, 4, 8, 8), (3, 5, 3, 4, 6), (1, 1, 1, 2, 3)])
+def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(monkeypatch, onednn, n, h, w, c, o):
+    """Values and both gradients of the four-phase form against the upsampled image convolved by XLA."""
+    monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", onednn)
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, kernel = jax.random.normal(kx, (n, h, w, c)), jax.random.normal(kw, (3, 3, c, o)) / np.sqrt(9 * c)
+    cotangent = jax.random.normal(ky, (n, 2 * h, 2 * w, o))
+
+    def upsampled(x, kernel):
+        return xla_conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), kernel, (1, 1), "SAME")
+
+    def loss(f):
+        return lambda x, kernel: jnp.sum(f(x, kernel) * cotangent)
+
+    def ours(x, kernel):  # a new function each test, traced afresh under its DIFFUSION_JAX_ONEDNN
+        return conv.upsample_conv(x, kernel)
+
+    assert ("onednn_conv_forward" in _hlo(ours, x, kernel)) == conv.uses_onednn()
+    np.testing.assert_allclose(jax.jit(ours)(x, kernel), upsampled(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
+    for g, g_ref in zip(grads, jax.grad(loss(upsampled), argnums=(0, 1))(x, kernel)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_upsample_conv_refuses_other_kernels():
+    with pytest.raises(ValueError, match="3x3 kernel, got 1x1"):
+        conv.upsample_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 2)))
+
+
 @needs_onednn
 def test_a_dense_layer_over_nhwc_channels_is_a_1x1_convolution():
     # nn.Dense(dot_general=conv.dot_general) on activations, as the U-Net's q, k, v, proj_out and shortcuts
@@ -178,9 +208,9 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     def loss(params):
         return jnp.mean(model.apply(params, x, t) ** 2)
 
-    # conv_in, two per block (2 down, 2 mid, 4 up), one downsample and one upsample conv, conv_out;
-    # the 1x1 layers: q, k, v and proj_out of 4 attention blocks, 5 shortcuts
-    assert _hlo(loss, params).count("@onednn_conv_forward(") == 1 + 2 * 8 + 2 + 1 + 4 * 4 + 5
+    # conv_in, two per block (2 down, 2 mid, 4 up), one downsample conv, the upsample conv's four
+    # phases, conv_out; the 1x1 layers: q, k, v and proj_out of 4 attention blocks, 5 shortcuts
+    assert _hlo(loss, params).count("@onednn_conv_forward(") == 1 + 2 * 8 + 1 + 4 + 1 + 4 * 4 + 5
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", "0")
     value_ref, grads_ref = jax.jit(jax.value_and_grad(loss))(params)
