@@ -1,12 +1,13 @@
 """diffusion-jax against its PyTorch peers on this machine, measured alternately in one run.
 
-    python -m benchmarks.compare [--reps 5] [--long-reps 1] [--torch-compile] [--json benchmarks/results.json]
+    python -m benchmarks.compare [--reps 5] [--long-reps 1] [--no-torch-compile] [--json benchmarks/results.json]
 
 For the DDPM CIFAR-10 network (35.7M parameters): forward at batch 64; a full training step
 (forward, backward, clipping, Adam, EMA) at batch 16 and 32; DDIM-50 sampling of 64 images end
 to end (sample.py's path against diffusers' DDIMPipeline); Inception features of 1,000 32x32
-images (the Flax port against pytorch-fid). Each workload runs in a process of its own per
-framework (so that its peak resident memory is its own). The two set up (imports, model,
+images (the Flax port against pytorch-fid); beside the forward, diffusers' under torch.compile
+(--no-torch-compile leaves it out). Each workload runs in a process of its own per framework
+(so that its peak resident memory is its own). The two set up (imports, model,
 tracing) at the same time; then each compiles and warms up alone, and they are timed
 alternately: jax, torch, jax, torch, ...; the figure is the median. torch uses 2
 threads, as XLA's CPU backend does on this 2-core machine. The two long workloads (DDIM-50,
@@ -49,7 +50,9 @@ class Worker:
     """A process of benchmarks/workers.py, started to set up; see there for the protocol."""
 
     def __init__(self, framework: str, workload: str, cache: str):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=cache)
+        # the run's own compilation caches: a fresh machine has none (torch.compile's would save ~50 s)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=cache,
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "torchinductor"))
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.workers", framework, workload],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -79,32 +82,51 @@ class Worker:
         return peak
 
 
-def measure(workload: str, reps: int, cache: str, frameworks=("jax", "torch")) -> dict:
-    """The frameworks' workers set up at the same time; compiling, warm-ups and runs are one at a time."""
-    workers = {framework: Worker(framework, workload, cache) for framework in frameworks}
-    for worker in workers.values():
+def measure(workers: dict, reps: int, cache: str, optional=()) -> dict:
+    """Workers {name: (framework, workload)} set up at once, then compile, warm up and run one at a time.
+
+    Runs alternate in the order of ``workers``. A worker named in ``optional`` that fails to
+    compile (torch.compile where it does not run) is left out, its error in its place.
+    """
+    started = {name: Worker(framework, workload, cache) for name, (framework, workload) in workers.items()}
+    for worker in started.values():
         worker.set_up()
-    ready = {framework: worker.compile() for framework, worker in workers.items()}
-    times = {f: [] for f in frameworks}
+    ready, results = {}, {}
+    for name, worker in started.items():
+        ready[name] = worker.compile()
+        if "error" in ready[name]:
+            if name not in optional:
+                raise RuntimeError(f"benchmark worker {name} {workers[name]}: {ready[name]['error']}")
+            results[name] = ready.pop(name)
+            worker.process.wait()
+    times = {name: [] for name in ready}
     for _ in range(reps):
-        for framework in frameworks:
-            times[framework].append(workers[framework].run())
-    return {f: dict(ready[f], times=times[f], median_s=statistics.median(times[f]),
-                    peak_rss_mb=workers[f].close()) for f in frameworks}
+        for name in ready:
+            times[name].append(started[name].run())
+    for name in ready:
+        results[name] = dict(ready[name], times=times[name], median_s=statistics.median(times[name]),
+                             peak_rss_mb=started[name].close())
+    return results
+
+
+def pair(workload: str) -> dict:
+    """diffusion-jax's and its peer's worker of ``workload``, for ``measure``."""
+    return {"jax": ("jax", workload), "torch": ("torch", workload)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the short workloads")
     parser.add_argument("--long-reps", type=int, default=1, help="timed repetitions of DDIM-50 and FID features")
-    parser.add_argument("--torch-compile", action="store_true", help="also diffusers' forward under torch.compile")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="leave out diffusers' forward under torch.compile (its compiling takes ~1 min)")
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the workloads")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the figures")
     args = parser.parse_args()
     started = time.perf_counter()
-    cache = tempfile.mkdtemp(prefix="benchmark-cache-")  # the JAX workers' compilation cache (workers.py)
+    cache = tempfile.mkdtemp(prefix="benchmark-cache-")  # the run's compilation caches (see Worker)
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    peak = measure("matmul", args.reps, cache)
+    peak = measure(pair("matmul"), args.reps, cache)
     matmul_gflops = {f: peak[f]["flops"] / peak[f]["median_s"] / 1e9 for f in peak}
     peak_gflops = max(matmul_gflops.values())
     results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
@@ -119,7 +141,11 @@ def main():
         if args.only and workload not in args.only:
             continue
         start = time.perf_counter()
-        m = measure(workload, args.long_reps if workload in LONG else args.reps, cache)
+        workers = pair(workload)
+        if workload == "forward64" and not args.no_torch_compile:
+            workers["torch.compile"] = ("torch", "forward64_compiled")
+        reps = args.long_reps if workload in LONG else args.reps
+        m = measure(workers, reps, cache, optional=("torch.compile",))
         images = IMAGES[workload]
         jax_rate, torch_rate = images / m["jax"]["median_s"], images / m["torch"]["median_s"]
         gflops = m["jax"]["flops"] / m["jax"]["median_s"] / 1e9 if m["jax"]["flops"] else None
@@ -130,12 +156,16 @@ def main():
               f"{m['jax']['compile_s']:9.1f} {gflops or float('nan'):8.1f} "
               f"{100 * gflops / peak_gflops if gflops else float('nan'):6.1f} "
               f"{m['jax']['peak_rss_mb']:7.0f}/{m['torch']['peak_rss_mb']:<7.0f}", flush=True)
-    if args.torch_compile:
-        start = time.perf_counter()
-        m = measure("forward64_compiled", args.reps, cache, frameworks=("torch",))["torch"]
-        results["workloads"]["forward64_torch_compile"] = dict(m, wall_s=time.perf_counter() - start)
-        print(f"diffusers forward, batch 64, torch.compile: {IMAGES['forward64_compiled'] / m['median_s']:.2f} img/s "
-              f"(compiling {m['compile_s']:.0f} s, peak RSS {m['peak_rss_mb']:.0f} MB)")
+        compiled = m.get("torch.compile")  # beside the eager peer, measured in the same alternation
+        if compiled and "error" in compiled:
+            reason = compiled["error"].splitlines()[0]
+            print(f"  diffusers under torch.compile does not run here: {reason}", flush=True)
+        elif compiled:
+            rate = images / compiled["median_s"]
+            print(f"{'  diffusers under torch.compile':34} {'':>13} {rate:6.2f} {jax_rate / rate:6.2f} "
+                  f"{compiled['compile_s']:9.1f} {'':>15} {'':>8}/{compiled['peak_rss_mb']:<7.0f}", flush=True)
+            results["workloads"][workload].update(torch_compile_images_per_s=rate,
+                                                  torch_compile_ratio=jax_rate / rate)
     results["wall_s"] = time.perf_counter() - started
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -4,9 +4,9 @@
 
 Protocol on stdin/stdout, one JSON object a line: after set-up (imports, model, data, tracing,
 the FLOP count) the worker prints {"set_up": true} and waits; on "compile" it compiles and
-makes a warm-up call, then prints {"ready": ..., "compile_s": ..., "flops": ...}; each "run"
-line runs the workload once and prints {"seconds": ...}; "exit" prints {"peak_rss_mb": ...}
-and exits. compare.py lets the two frameworks' workers set up at the same time (tracing and
+makes a warm-up call, then prints {"ready": ..., "compile_s": ..., "flops": ...} (or
+{"error": ...} and exits); each "run" line runs the workload once and prints {"seconds": ...};
+"exit" prints {"peak_rss_mb": ...} and exits. compare.py lets the two frameworks' workers set up at the same time (tracing and
 imports, one thread each), and then compiles, warms up and times them one at a time.
 The peak resident memory is that of the warm-up and the runs: the peak is reset after set-up
 (imports, model, compiling), so it counts what stays resident (libraries, weights, state)
@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
+import logging
 import os
 import shutil
 import sys
@@ -229,6 +230,8 @@ def torch_workload(name):
         def build():
             forward, seconds = model, 0.0
             if name == "forward64_compiled":
+                # its "No CUDA runtime is found" warning (a CPU build looks for one) would break the table
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 forward, start = torch.compile(model), time.perf_counter()
                 with torch.no_grad():
                     forward(x, t)
@@ -281,12 +284,16 @@ def main():
     print(json.dumps({"set_up": True}), flush=True)
     if sys.stdin.readline().strip() != "compile":
         return
-    run, warmup, compile_s = build()
-    _release_free_memory()
-    _reset_peak_rss()
-    start = time.perf_counter()
-    (warmup or run)()
-    warmup = time.perf_counter() - start
+    try:  # a failure is reported for compare.py to name (torch.compile where it does not run, say)
+        run, warmup, compile_s = build()
+        _release_free_memory()
+        _reset_peak_rss()
+        start = time.perf_counter()
+        (warmup or run)()
+        warmup = time.perf_counter() - start
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
     print(json.dumps({"ready": True, "compile_s": compile_s, "warmup_s": warmup, "flops": flops}), flush=True)
     for line in sys.stdin:
         if line.strip() == "run":
