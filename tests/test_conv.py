@@ -1,6 +1,7 @@
 """oneDNN's convolutions (diffusion_jax/models/conv.py) against XLA's, and when each is used."""
 
 import functools
+import pathlib
 import platform
 import subprocess
 import sys
@@ -42,12 +43,14 @@ def test_a_library_that_does_not_load_is_an_error_naming_the_fix(monkeypatch):
     if not conv.onednn_available():
         pytest.skip("the library is not built here")
     monkeypatch.setattr(conv.ctypes, "CDLL", broken)
+    conv._library.cache_clear()
     conv.onednn_available.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="make install.*DIFFUSION_JAX_ONEDNN=0"):
             conv.onednn_available()
     finally:
         monkeypatch.undo()
+        conv._library.cache_clear()
         conv.onednn_available.cache_clear()
         assert conv.onednn_available()  # loads and registers again
 
@@ -60,6 +63,18 @@ def _hlo(f, *args):
 
 
 @needs_onednn
+def test_onednn_computes_the_weight_gradient_on_avx512_cpus():
+    flags = set()
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    # oneDNN's avx512_core: AVX-512 F, BW, VL and DQ
+    assert conv.onednn_weight_gradient() == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags)
+
+
+@needs_onednn
+@pytest.mark.parametrize("weight_gradient", ["onednn", "xla"])
 @pytest.mark.parametrize("n,h,w,c,o,k,stride,padding", [
     (2, 8, 8, 16, 32, 3, 1, "SAME"),
     (2, 8, 8, 16, 16, 3, 2, "SAME"),  # the U-Net's downsampling: TF 'SAME', 0 before and 1 after
@@ -67,7 +82,8 @@ def _hlo(f, *args):
     (2, 6, 6, 8, 3, 1, 1, "VALID"),
     (1, 9, 9, 4, 4, 3, 2, ((2, 0), (1, 1))),
 ])
-def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
+def test_forward_and_gradients_match_xla(monkeypatch, weight_gradient, n, h, w, c, o, k, stride, padding):
+    monkeypatch.setattr(conv, "onednn_weight_gradient", lambda: weight_gradient == "onednn")
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kw, (k, k, c, o)) / np.sqrt(k * k * c)
@@ -81,7 +97,11 @@ def test_forward_and_gradients_match_xla(n, h, w, c, o, k, stride, padding):
     assert "onednn_conv_forward" in _hlo(lambda x, w: onednn_conv(x, w, strides, padding), x, kernel)
     y = jax.jit(onednn_conv, static_argnums=(2, 3))(x, kernel, strides, padding)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    dx, dw = jax.jit(jax.grad(loss(onednn_conv), argnums=(0, 1)))(x, kernel)
+    gradient = jax.grad(loss(onednn_conv), argnums=(0, 1))
+    hlo = _hlo(gradient, x, kernel)
+    assert "onednn_conv_backward_data" in hlo
+    assert ("onednn_conv_backward_weights" in hlo) == (weight_gradient == "onednn")
+    dx, dw = jax.jit(gradient)(x, kernel)
     dx_ref, dw_ref = jax.grad(loss(xla_conv), argnums=(0, 1))(x, kernel)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)

@@ -9,8 +9,9 @@ convolutions of the low-resolution input (on every backend: 4/9 of the FLOPs).
 
 XLA:CPU computes a convolution as an im2col copy and a GEMM; oneDNN's direct convolutions,
 called through XLA's FFI (csrc/onednn_conv.cc), are faster on the U-Net's shapes
-(benchmarks/README.md), forward and backward, and on the Inception's (FID features). They are
-used when all of these hold, and XLA's convolution otherwise, with the same results to float32
+(benchmarks/README.md), forward and backward, and on the Inception's (FID features); on CPUs
+without AVX-512 XLA's weight gradient is the faster (``onednn_weight_gradient``). They are used
+when all of these hold, and XLA's convolution otherwise, with the same results to float32
 rounding:
 
 - the library was built (``make install`` builds it on x86-64, see setup.py);
@@ -41,17 +42,25 @@ _TARGETS = {"onednn_conv_forward": "OnednnConvForward",
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """Whether the oneDNN library was built; registers its FFI targets with XLA the first time."""
+def _library():
+    """The built library (csrc/onednn_conv.cc) as a ``ctypes.CDLL``, or None where it was not built."""
     built = sorted(pathlib.Path(__file__).parent.parent.glob("_onednn_conv*.so"))
     if not built:
-        return False
+        return None
     try:
-        lib = ctypes.CDLL(str(built[0]))
+        return ctypes.CDLL(str(built[0]))
     except OSError as e:  # built against a oneDNN that has since moved or gone
         raise RuntimeError(f"cannot load {built[0]} ({e}); rebuild it with `make install` (or "
                            "`pip install --no-build-isolation -e .`), or set DIFFUSION_JAX_ONEDNN=0 to use "
                            "XLA's convolutions") from None
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether the oneDNN library was built; registers its FFI targets with XLA the first time."""
+    lib = _library()
+    if lib is None:
+        return False
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return True
@@ -61,6 +70,18 @@ def uses_onednn() -> bool:
     """Whether convolutions traced now go to oneDNN (see the module docstring)."""
     return (os.environ.get("DIFFUSION_JAX_ONEDNN", "1") != "0" and jax.default_backend() == "cpu"
             and jax.device_count() == 1 and onednn_available())
+
+
+@functools.cache
+def onednn_weight_gradient() -> bool:
+    """Whether oneDNN computes the weight gradient: on CPUs with AVX-512 (its ``avx512_core`` ISA).
+
+    With AVX2 only, oneDNN's backward-weights convolution (``jit:avx2``, on NHWC) ran 1.1-1.5x
+    slower than XLA's on the U-Net's 3x3 shapes (benchmarks/README.md), while its forward and
+    backward-data ones stayed faster.
+    """
+    avx512_core = 0x27  # dnnl_cpu_isa_avx512_core, a bit mask in dnnl_cpu_isa_t
+    return onednn_available() and _library().dnnl_get_effective_cpu_isa() & avx512_core == avx512_core
 
 
 def _attributes(strides, padding):
@@ -83,13 +104,18 @@ def _onednn_conv_fwd(x, w, strides, padding):
 
 
 def _onednn_conv_bwd(strides, padding, residuals, dy):
-    """dL/dx and dL/dw from dL/dy: oneDNN's backward-data and backward-weights convolutions."""
+    """dL/dx and dL/dw from dL/dy: oneDNN's backward-data convolution, and its backward-weights
+    one on AVX-512 CPUs (XLA's weight gradient elsewhere, see ``onednn_weight_gradient``)."""
     x, w = residuals
     attributes = _attributes(strides, padding)
     dx = jax.ffi.ffi_call("onednn_conv_backward_data", jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="sequential")(x, w, dy, **attributes)
-    dw = jax.ffi.ffi_call("onednn_conv_backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype),
-                          vmap_method="sequential")(x, w, dy, **attributes)
+    if onednn_weight_gradient():
+        dw = jax.ffi.ffi_call("onednn_conv_backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype),
+                              vmap_method="sequential")(x, w, dy, **attributes)
+    else:
+        (dw,) = jax.vjp(lambda w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC),
+                        w)[1](dy)
     return dx, dw
 
 
