@@ -63,14 +63,17 @@ def _hlo(f, *args):
 
 
 @needs_onednn
-def test_onednn_computes_the_weight_gradient_on_avx512_cpus():
+def test_onednn_computes_the_weight_gradient_on_avx512_cpus_and_of_large_inputs():
     flags = set()
     for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
     # oneDNN's avx512_core: AVX-512 F, BW, VL and DQ
-    assert conv.onednn_weight_gradient() == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags)
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    limit = conv.XLA_WEIGHT_GRADIENT_MAX_SIZE
+    assert conv.onednn_weight_gradient(limit) == avx512
+    assert conv.onednn_weight_gradient(limit + 1)
 
 
 @needs_onednn
@@ -83,7 +86,7 @@ def test_onednn_computes_the_weight_gradient_on_avx512_cpus():
     (1, 9, 9, 4, 4, 3, 2, ((2, 0), (1, 1))),
 ])
 def test_forward_and_gradients_match_xla(monkeypatch, weight_gradient, n, h, w, c, o, k, stride, padding):
-    monkeypatch.setattr(conv, "onednn_weight_gradient", lambda: weight_gradient == "onednn")
+    monkeypatch.setattr(conv, "onednn_weight_gradient", lambda x_size: weight_gradient == "onednn")
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kw, (k, k, c, o)) / np.sqrt(k * k * c)

@@ -72,16 +72,27 @@ def uses_onednn() -> bool:
             and jax.device_count() == 1 and onednn_available())
 
 
-@functools.cache
-def onednn_weight_gradient() -> bool:
-    """Whether oneDNN computes the weight gradient: on CPUs with AVX-512 (its ``avx512_core`` ISA).
+# The largest input, in elements, whose weight gradient XLA computes on CPUs without AVX-512.
+XLA_WEIGHT_GRADIENT_MAX_SIZE = 2 ** 21  # 8 MiB of float32: batch 16 of 32x32x128 activations
 
-    With AVX2 only, oneDNN's backward-weights convolution (``jit:avx2``, on NHWC) ran 1.1-1.5x
-    slower than XLA's on the U-Net's 3x3 shapes (benchmarks/README.md), while its forward and
-    backward-data ones stayed faster.
-    """
+
+@functools.cache
+def _avx512() -> bool:
     avx512_core = 0x27  # dnnl_cpu_isa_avx512_core, a bit mask in dnnl_cpu_isa_t
-    return onednn_available() and _library().dnnl_get_effective_cpu_isa() & avx512_core == avx512_core
+    return _library().dnnl_get_effective_cpu_isa() & avx512_core == avx512_core
+
+
+def onednn_weight_gradient(x_size: int) -> bool:
+    """Whether oneDNN computes the weight gradient of a convolution of an ``x_size``-element input.
+
+    On CPUs with AVX-512 (oneDNN's ``avx512_core`` ISA), always. With AVX2 only, oneDNN's
+    backward-weights convolution (``jit:avx2``, on NHWC) ran 1.1-1.5x slower than XLA's on the
+    U-Net's 3x3 shapes (benchmarks/README.md), while its forward and backward-data ones stayed
+    faster; but XLA's holds larger temporaries: with it throughout, the CIFAR-10 train step's
+    peak memory at batch 32 grew from 3.6 to 4.3 GB, above diffusers' 4.0 GB. So there oneDNN
+    computes it only for inputs above ``XLA_WEIGHT_GRADIENT_MAX_SIZE`` (3.9 GB at batch 32).
+    """
+    return onednn_available() and (_avx512() or x_size > XLA_WEIGHT_GRADIENT_MAX_SIZE)
 
 
 def _attributes(strides, padding):
@@ -105,12 +116,12 @@ def _onednn_conv_fwd(x, w, strides, padding):
 
 def _onednn_conv_bwd(strides, padding, residuals, dy):
     """dL/dx and dL/dw from dL/dy: oneDNN's backward-data convolution, and its backward-weights
-    one on AVX-512 CPUs (XLA's weight gradient elsewhere, see ``onednn_weight_gradient``)."""
+    one or XLA's weight gradient (``onednn_weight_gradient``)."""
     x, w = residuals
     attributes = _attributes(strides, padding)
     dx = jax.ffi.ffi_call("onednn_conv_backward_data", jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="sequential")(x, w, dy, **attributes)
-    if onednn_weight_gradient():
+    if onednn_weight_gradient(x.size):
         dw = jax.ffi.ffi_call("onednn_conv_backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype),
                               vmap_method="sequential")(x, w, dy, **attributes)
     else:
