@@ -114,6 +114,20 @@ def pair(workload: str) -> dict:
     return {"jax": ("jax", workload), "torch": ("torch", workload)}
 
 
+def _cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it (Linux): model, family and model number, AVX-512 or not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    vector = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    return (f"{info.get('model name', platform.machine())} ({platform.machine()}, "
+            f"family {info.get('cpu family')} model {info.get('model')}, {vector})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the short workloads")
@@ -129,9 +143,9 @@ def main():
     peak = measure(pair("matmul"), args.reps, cache)
     matmul_gflops = {f: peak[f]["flops"] / peak[f]["median_s"] / 1e9 for f in peak}
     peak_gflops = max(matmul_gflops.values())
-    results = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{os.cpu_count()} cores", "matmul_gflops": matmul_gflops, "peak_gflops": peak_gflops,
-               "workloads": {}}
+    results = {"date": datetime.date.today().isoformat(), "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+               "matmul_gflops": matmul_gflops, "peak_gflops": peak_gflops, "workloads": {}}
+    print(f"{results['date']}, {results['machine']}", flush=True)
     print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, torch {matmul_gflops['torch']:.1f} GFLOP/s",
           flush=True)
     header = (f"{'workload':34} {'diffusion-jax':>13} {'peer':>9} {'ratio':>6} {'compile s':>9} "
