@@ -84,7 +84,8 @@ def _avx512() -> bool:
 
 
 def onednn_weight_gradient(x_size: int) -> bool:
-    """Whether oneDNN computes the weight gradient of a convolution of an ``x_size``-element input.
+    """Whether oneDNN computes the weight gradient of a convolution of an ``x_size``-element input
+    (asked only where its convolutions run, ``uses_onednn``).
 
     On CPUs with AVX-512 (oneDNN's ``avx512_core`` ISA), always. With AVX2 only, oneDNN's
     backward-weights convolution (``jit:avx2``, on NHWC) ran 1.1-1.5x slower than XLA's on the
@@ -94,7 +95,7 @@ def onednn_weight_gradient(x_size: int) -> bool:
     computes it only for inputs above ``XLA_WEIGHT_GRADIENT_MAX_SIZE``: 3.9 GB at batch 32, and
     batch 16 (2.6 GB against diffusers' 2.8) has all of XLA's speed.
     """
-    return onednn_available() and (_avx512() or x_size > XLA_WEIGHT_GRADIENT_MAX_SIZE)
+    return _avx512() or x_size > XLA_WEIGHT_GRADIENT_MAX_SIZE
 
 
 def _attributes(strides, padding):
