@@ -29,6 +29,14 @@ def test_fid_ranks_a_shifted_copy_farther_than_another_half_of_the_same_set(extr
     assert 0 < same_set < fid_of(extractor, half_a, shifted)
 
 
+def test_features_do_not_depend_on_how_the_images_are_batched(extractor):
+    images = input_pipeline.digits("test")[:5]
+    whole = extractor(images)  # one batch of 5
+    split = inception.Extractor(extractor.params, batch_size=2)(images)  # three of 2, the last padded
+    for a, b in zip(whole, split, strict=True):
+        assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
+
+
 def test_inception_score_of_one_class_is_one(extractor):
     image = input_pipeline.digits("test")[:1]
     _, logits = extractor(np.repeat(image, 20, axis=0))
@@ -50,6 +58,18 @@ def test_frechet_distance_is_zero_for_equal_and_symmetric():
     np.testing.assert_allclose(fid.frechet_distance(*s1, *s2), fid.frechet_distance(*s2, *s1), rtol=1e-9)
     # for equal covariances only the means count
     np.testing.assert_allclose(fid.frechet_distance(s1.mu, s1.sigma, s1.mu + 1.0, s1.sigma), 16.0, rtol=1e-6)
+
+
+def test_matrices_that_are_not_covariances_are_refused():
+    s = fid.statistics(np.random.default_rng(0).normal(size=(50, 4)))
+    skewed = s.sigma.copy()
+    skewed[0, 1] += 1.0
+    with pytest.raises(ValueError, match="sigma2 is not a covariance matrix: it is not symmetric"):
+        fid.frechet_distance(s.mu, s.sigma, s.mu, skewed)
+    indefinite = s.sigma - 2.0 * np.max(s.sigma) * np.eye(4)
+    for first, second, name in ((indefinite, s.sigma, "sigma1"), (s.sigma, indefinite, "sigma2")):
+        with pytest.raises(ValueError, match=f"{name} is not a covariance matrix: it has the eigenvalue"):
+            fid.frechet_distance(s.mu, first, s.mu, second)
 
 
 def test_statistics_round_trip_and_bad_files(tmp_path):

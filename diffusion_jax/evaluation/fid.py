@@ -10,7 +10,6 @@ import os
 from typing import NamedTuple
 
 import numpy as np
-from scipy import linalg
 
 
 class Statistics(NamedTuple):
@@ -26,29 +25,38 @@ def statistics(features) -> Statistics:
     return Statistics(features.mean(axis=0), np.cov(features, rowvar=False))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 (Heusel et al. 2017, eq. 6).
 
-    As the reference implementations: if the square root of S1 S2 is not finite, ``eps`` I is
-    added to both covariances; an imaginary part above 1e-3 in its diagonal is an error.
+    Tr (S1 S2)^{1/2} is the sum of the square roots of the eigenvalues of S1 S2, which are those
+    of the symmetric S1^{1/2} S2 S1^{1/2}: two symmetric eigendecompositions in place of the
+    general matrix square root (``scipy.linalg.sqrtm``) of pytorch-fid and TTUR, 2-3 s against
+    their 12-18 s at 2048 x 2048 on 2 cores. Equal to pytorch-fid's within 1e-6 relative
+    (tests/test_inception_parity.py); for the singular covariances of fewer samples than features,
+    where sqrtm warns that its result may be inaccurate, the two differ by ~1e-7. Eigenvalues below
+    zero by rounding count as zero; a covariance that is not symmetric positive semi-definite is an
+    error.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} and {mu2.shape}, "
                          f"sigma {sigma1.shape} and {sigma2.shape}")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.all(np.isfinite(covmean)):
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imaginary = np.max(np.abs(np.diagonal(covmean).imag))
-        if imaginary > 1e-3:
-            raise ValueError(f"the square root of the covariance product has an imaginary part of {imaginary:.3g}: "
-                             "the statistics are too degenerate (use more samples)")
-        covmean = covmean.real
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-12 * np.abs(sigma).max()):
+            raise ValueError(f"{name} is not a covariance matrix: it is not symmetric")
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(_nonnegative(w, "sigma1"))) @ v.T
+    eigenvalues = _nonnegative(np.linalg.eigvalsh(root1 @ sigma2 @ root1), "sigma2")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.sqrt(eigenvalues).sum())
+
+
+def _nonnegative(eigenvalues: np.ndarray, name: str) -> np.ndarray:
+    """``eigenvalues`` of a positive semi-definite matrix with rounding's negatives set to zero."""
+    if eigenvalues.min() < -1e-6 * max(np.abs(eigenvalues).max(), np.finfo(np.float64).tiny):
+        raise ValueError(f"{name} is not a covariance matrix: it has the eigenvalue {eigenvalues.min():.3g} < 0")
+    return np.maximum(eigenvalues, 0.0)
 
 
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
