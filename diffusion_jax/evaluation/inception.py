@@ -263,8 +263,10 @@ def load_params(path: str) -> dict:
 
 
 class Extractor:
-    """Pool features and logits of uint8 images, compiled once, batches sharded over all devices.
+    """Pool features and logits of uint8 images in batches sharded over all devices.
 
+    N images go in the fewest batches of at most ``batch_size``, all of one size (a multiple of
+    the devices; the last padded), so 20 images cost 20, not ``batch_size``, and one compile.
     Every process passes the same images (all of them) and gets all the features back.
     """
 
@@ -272,16 +274,18 @@ class Extractor:
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self.params, self.data = params, NamedSharding(mesh, P("data"))
-        # the jitted network: (variables, uint8 [batch_size, H, W, 3]) -> (pool, logits)
+        # the jitted network: (variables, uint8 [batch, H, W, 3]) -> (pool, logits)
         self.apply = jax.jit(InceptionV3().apply, in_shardings=(NamedSharding(mesh, P()), self.data),
                              out_shardings=self.data)
 
     def __call__(self, images: np.ndarray):
         """uint8 [N, H, W, C] -> (pool [N, 2048] float64, logits [N, 1008] float32)."""
         pools, logits = [], []
-        for start in range(0, len(images), self.batch_size):
-            batch = np.asarray(images[start:start + self.batch_size])
-            padded = np.concatenate([batch, np.zeros((self.batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+        count, devices = -(-len(images) // self.batch_size), self.data.mesh.size  # the fewest batches
+        size = -(-len(images) // (count * devices)) * devices  # of one size, a multiple of the devices
+        for start in range(0, len(images), size):
+            batch = np.asarray(images[start:start + size])
+            padded = np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
             x = jax.make_array_from_callback(padded.shape, self.data, lambda index: padded[index])
             pool, logit = (np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)]
                            for a in self.apply({"params": self.params}, x))
