@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# pytest-xdist workers for make test: 2 fill this project's 2-core machine (one pytest worker
+# computes while the other compiles or starts a subprocess).
+TEST_WORKERS ?= 2
 
 .PHONY: run test install bench compare clean
 
@@ -9,7 +12,7 @@ run: $(VENV)/.runtime
 	$(BIN)/python train.py --config=configs/quickstart.py --workdir=out/quickstart
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 install: $(VENV)/.runtime
 

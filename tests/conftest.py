@@ -11,6 +11,19 @@ import scripts
 
 QUICKSTART_STEPS = 300
 
+# make test runs two pytest-xdist workers (--dist loadgroup); the tests of each expensive shared
+# fixture go to one worker, so that it is built once. sample.py --fid needs both of the first two.
+ONE_WORKER = {"quickstart_workdir": "quickstart", "fid_files": "quickstart", "reference": "train-reference",
+              "extractor": "fid-extractor"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = {ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER}
+        if groups:
+            (group,) = groups
+            item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def quickstart_workdir(tmp_path_factory):
