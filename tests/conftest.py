@@ -19,10 +19,11 @@ ONE_WORKER = {"quickstart_workdir": "quickstart", "fid_files": "quickstart", "re
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        groups = {ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER}
+        groups = sorted({ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER})
+        if len(groups) > 1:
+            raise ValueError(f"{item.nodeid} needs the fixtures of the groups {groups}: make them one in ONE_WORKER")
         if groups:
-            (group,) = groups
-            item.add_marker(pytest.mark.xdist_group(group))
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Running the project's scripts (train.py, sample.py, evaluate.py) in subprocesses, as users do.
 
-The runs of a test session share JAX's persistent compilation cache (a train.py run of the
-tiny config: 48 s -> 17 s); it is removed at exit.
+The runs of a test session (of each pytest-xdist worker) share JAX's persistent compilation
+cache (a train.py run of the tiny config: 48 s -> 17 s); it is removed at exit.
 """
 
 import atexit
