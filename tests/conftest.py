@@ -17,6 +17,7 @@ ONE_WORKER = {"quickstart_workdir": "quickstart", "fid_files": "quickstart", "re
               "extractor": "fid-extractor"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     for item in items:
         groups = sorted({ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER})
@@ -24,6 +25,19 @@ def pytest_collection_modifyitems(items):
             raise ValueError(f"{item.nodeid} needs the fixtures of the groups {groups}: make them one in ONE_WORKER")
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups[0]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_in_their_worker_groups(request):
+    """Under --dist loadgroup, fail (before any fixture is built) if pytest-xdist did not group the tests."""
+    if not getattr(request.config.option, "loadgroup", False):
+        return
+    for item in request.session.items:
+        group = next((mark.args[0] for mark in item.iter_markers("xdist_group")), None)
+        if group is not None and not item.nodeid.endswith(f"@{group}"):
+            pytest.fail(f"pytest-xdist did not put {item.nodeid} in its group {group!r}, so the group's fixtures "
+                        "would be built on every worker: pytest 9.2 with pytest-xdist 3.8 does that "
+                        "(pytest-dev/pytest-xdist#1386); install requirements-test.txt")
 
 
 @pytest.fixture(scope="session")
