@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import time
 from typing import Any, NamedTuple
 
@@ -243,22 +244,37 @@ def _check_finite(state: TrainState, last_good: int | None) -> None:
 
 
 class _Writer:
-    """TensorBoard scalars (process 0 only)."""
+    """TensorBoard scalars (process 0 only), in the events file format of ``tf.summary.scalar``.
+
+    It writes Event records with TensorBoard's own ``RecordWriter`` and ``scalar_pb`` and so
+    does not import TensorFlow (~5 s of every train.py start for ``tf.summary``); ``epath``
+    opens local and gs:// workdirs alike.
+    """
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            import tensorflow as tf
+            from etils import epath
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+            from tensorboard.summary.writer.record_writer import RecordWriter
 
-            tf.config.set_visible_devices([], "GPU")
-            self._tf, self._writer = tf, tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            directory = epath.Path(workdir) / "tensorboard"
+            directory.mkdir(parents=True, exist_ok=True)
+            name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
+            self._event, self._summary, self._scalar_pb = event_pb2.Event, summary_pb2.Summary, scalar_pb
+            self._records = RecordWriter((directory / name).open("wb"))
+            self._write(self._event(file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        event.wall_time = time.time()
+        self._records.write(event.SerializeToString())
+        self._records.flush()
 
     def scalars(self, step: int, values: dict) -> None:
         if self.enabled:
-            with self._writer.as_default(step=step):
-                for name, value in values.items():
-                    self._tf.summary.scalar(name, value)
-            self._writer.flush()
+            scalars = [v for name, value in values.items() for v in self._scalar_pb(name, value).value]
+            self._write(self._event(step=step, summary=self._summary(value=scalars)))
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
