@@ -124,17 +124,8 @@ def jax_workload(name):
         return flops, build
     _use_compilation_cache(jax)
     config = _cifar10_config()
-    if name == "fid1000":  # random weights (at fan-in scale), as the peer's are: the work is the same
-        shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.PRNGKey(0),
-                                jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
-        rng = np.random.default_rng(0)
-
-        def random_weights(s):  # kernels at fan-in scale, zero biases
-            if len(s.shape) == 1:
-                return np.zeros(s.shape, np.float32)
-            return (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))).astype(np.float32)
-
-        params = jax.tree.map(random_weights, shapes)
+    if name == "fid1000":  # random weights, as the peer's are: the work is the same
+        params = inception.random_params()
         extractor, images = inception.Extractor(params), _images(IMAGES[name])
         batch = jnp.asarray(images[:extractor.batch_size])
         flops, compile_ = compiled(extractor.apply, {"params": params}, batch,

@@ -3,8 +3,6 @@
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -17,9 +15,9 @@ from diffusion_jax.evaluation import inception
 def fid_files(tmp_path_factory):
     """Random Inception weights in the --convert format, and reference statistics of the digits' test split."""
     directory = tmp_path_factory.mktemp("fid")
-    params = jax.jit(inception.InceptionV3().init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
     weights = str(directory / "inception.npz")
-    np.savez(weights, **{"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params["params"]).items()})
+    flat = traverse_util.flatten_dict(inception.random_params())
+    np.savez(weights, **{"/".join(k): np.asarray(v) for k, v in flat.items()})
     stats = str(directory / "digits_test.npz")
     result = scripts.run("evaluate.py", "--mode=reference_stats", "--dataset=digits", "--split=test",
                          f"--inception_weights={weights}", f"--reference_stats={stats}")
