@@ -255,16 +255,14 @@ class _Writer:
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from etils import epath
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+            from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.summary.writer.record_writer import RecordWriter
 
             directory = epath.Path(workdir) / "tensorboard"
             directory.mkdir(parents=True, exist_ok=True)
             name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
-            self._event, self._summary, self._scalar_pb = event_pb2.Event, summary_pb2.Summary, scalar_pb
             self._records = RecordWriter((directory / name).open("wb"))
-            self._write(self._event(file_version="brain.Event:2"))
+            self._write(Event(file_version="brain.Event:2"))
 
     def _write(self, event) -> None:
         event.wall_time = time.time()
@@ -273,8 +271,12 @@ class _Writer:
 
     def scalars(self, step: int, values: dict) -> None:
         if self.enabled:
-            scalars = [v for name, value in values.items() for v in self._scalar_pb(name, value).value]
-            self._write(self._event(step=step, summary=self._summary(value=scalars)))
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
+            scalars = [v for name, value in values.items() for v in scalar_pb(name, value).value]
+            self._write(Event(step=step, summary=Summary(value=scalars)))
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:

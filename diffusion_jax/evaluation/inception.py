@@ -233,6 +233,12 @@ def _shapes() -> dict:
         InceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))["params"]).items()}
 
 
+def _unflatten(flat: dict) -> dict:
+    """{"Block/conv/kernel": array, ...} -> the nested params of :class:`InceptionV3`, on the device."""
+    return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict({tuple(k.split("/")): v
+                                                                              for k, v in flat.items()}))
+
+
 def _check(flat: dict, path: str) -> dict:
     expected = _shapes()
     missing = sorted(expected.keys() - flat.keys())
@@ -262,9 +268,7 @@ def load_params(path: str) -> dict:
             raise ValueError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): "
                              f"{'fc.weight' if 'fc.weight' not in state else missing_bn[0]} is missing")
         flat = fold(state)
-    flat = _check(flat, path)
-    return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict({tuple(k.split("/")): v
-                                                                              for k, v in flat.items()}))
+    return _unflatten(_check(flat, path))
 
 
 def random_params(seed: int = 0) -> dict:
@@ -279,8 +283,7 @@ def random_params(seed: int = 0) -> dict:
     flat = {k: (np.zeros(shape, np.float32) if len(shape) == 1 else
                 (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))).astype(np.float32))
             for k, shape in _shapes().items()}
-    return jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict({tuple(k.split("/")): v
-                                                                              for k, v in flat.items()}))
+    return _unflatten(flat)
 
 
 class Extractor:
