@@ -28,8 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, timestep_sampler
@@ -254,10 +259,6 @@ class _Writer:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            from etils import epath
-            from tensorboard.compat.proto.event_pb2 import Event
-            from tensorboard.summary.writer.record_writer import RecordWriter
-
             directory = epath.Path(workdir) / "tensorboard"
             directory.mkdir(parents=True, exist_ok=True)
             name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
@@ -271,10 +272,6 @@ class _Writer:
 
     def scalars(self, step: int, values: dict) -> None:
         if self.enabled:
-            from tensorboard.compat.proto.event_pb2 import Event
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-
             scalars = [v for name, value in values.items() for v in scalar_pb(name, value).value]
             self._write(Event(step=step, summary=Summary(value=scalars)))
 
