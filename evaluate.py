@@ -4,6 +4,11 @@
     python evaluate.py --mode=nll --workdir=DIR (or --checkpoint=PATH) --out=DIR [--num_images=N]
     python evaluate.py --mode=reference_stats --dataset=cifar10 --split=train
 
+Paths may be local or gs:// (any filesystem etils.epath opens). With --distributed (as
+train.py) every process computes the Inception features or bounds of its share of the
+images on its own devices and process 0 writes the results; the files must then be on
+storage every process sees (gs:// or a shared filesystem), which is checked first.
+
 FID and IS need pytorch-fid's Inception weights (a one-time download, see
 diffusion_jax/evaluation/inception.py): --inception_weights=PATH, the environment variable
 DIFFUSION_JAX_INCEPTION_WEIGHTS, or the file in ~/.cache/diffusion_jax/. The reference
@@ -16,11 +21,12 @@ The NLL is the full bound (all T terms and the prior) in bits/dim of --num_image
 rate-distortion data of DDPM section 4.3 (rate_distortion.npz, rate_distortion.png).
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats"], "what to evaluate")
@@ -42,6 +48,7 @@ flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to eva
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "mode nll: seed of the noise")
 flags.DEFINE_string("out", None, "mode nll: output directory")
+launch.define_distributed_flags()
 flags.mark_flags_as_required(["mode"])
 
 MODE_FLAGS = {"samples": ("fid",), "dataset": ("fid", "reference_stats"), "split": ("fid", "reference_stats"),
@@ -70,18 +77,21 @@ def reference_data(image_size: int):
 
 
 def fid_mode():
+    from diffusion_jax import storage
     from diffusion_jax.evaluation import fid, report
 
-    images = fid.load_samples(FLAGS.samples)  # checked before the network loads
+    samples = storage.path(FLAGS.samples, what="--samples")
+    storage.check_shared(samples.parent)
+    images = fid.load_samples(samples)  # checked before the network loads
     evaluator = report.Evaluator(reference_data(images.shape[1]), reference_stats=FLAGS.reference_stats,
                                  inception_weights=FLAGS.inception_weights)
     values = evaluator.fid_and_is(images)
     report.print_fid(values)
-    report.write_json(os.path.splitext(FLAGS.samples)[0] + "_metrics.json", values)
+    report.write_json(samples.with_name(samples.stem + "_metrics.json"), values)
 
 
 def reference_stats_mode():
-    from diffusion_jax import input_pipeline, train_lib
+    from diffusion_jax import input_pipeline, storage, train_lib
     from diffusion_jax.evaluation import report
 
     if FLAGS.dataset not in input_pipeline.DATASETS:
@@ -91,6 +101,7 @@ def reference_stats_mode():
         raise ValueError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
     evaluator = report.Evaluator(reference_data(size), reference_stats=FLAGS.reference_stats,
                                  inception_weights=FLAGS.inception_weights)
+    storage.check_shared(storage.path(evaluator.reference_path).parent)
     stats = evaluator.reference
     train_lib.console(f"statistics of {FLAGS.dataset}/{FLAGS.split} ({stats.mu.shape[0]} features) in "
                              f"{evaluator.reference_path}")
@@ -99,10 +110,13 @@ def reference_stats_mode():
 def nll_mode(jax):
     import numpy as np
 
-    from diffusion_jax import checkpoints, input_pipeline, sample_lib, train_lib
+    from diffusion_jax import checkpoints, input_pipeline, sample_lib, storage, train_lib
     from diffusion_jax import config as config_lib
     from diffusion_jax.evaluation import likelihood, report
 
+    out = storage.path(FLAGS.out, what="--out")
+    storage.check_reachable(out, what="--out")
+    storage.check_shared(out)
     config, params, _ = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
                                          which=FLAGS.params, config=FLAGS.config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
@@ -113,15 +127,13 @@ def nll_mode(jax):
     result = likelihood.nll(config, params, images, jax.random.PRNGKey(FLAGS.seed), FLAGS.batch_size,
                             progress=sample_lib.Progress("NLL"))
     report.print_nll(result, d.eval_split)
-    out = os.path.abspath(FLAGS.out)
-    os.makedirs(out, exist_ok=True)
-    report.write_json(os.path.join(out, "nll.json"), {
+    report.write_json(out / "nll.json", {
         "nll_bpd": result.mean, "stderr": result.stderr, "num_images": len(result.bpd), "split": d.eval_split,
         "prior_bpd": result.prior, "decoder_bpd": float(result.terms[0])})
     if jax.process_index() == 0:
-        np.savez(os.path.join(out, "rate_distortion.npz"), t=np.arange(len(result.terms)), rate=result.rate(),
-                 distortion=result.rmse, terms=result.terms, bpd=result.bpd)
-        likelihood.plot_rate_distortion(result, os.path.join(out, "rate_distortion.png"))
+        storage.save_npz(out / "rate_distortion.npz", t=np.arange(len(result.terms)), rate=result.rate(),
+                         distortion=result.rmse, terms=result.terms, bpd=result.bpd)
+        likelihood.plot_rate_distortion(result, out / "rate_distortion.png")
         train_lib.console(f"wrote nll.json, rate_distortion.npz and rate_distortion.png to {out}")
 
 
@@ -129,7 +141,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    import diffusion_jax  # noqa: F401  (sets XLA's CPU flags before JAX starts)
+    launch.start(FLAGS)
     import jax
 
     from diffusion_jax import input_pipeline

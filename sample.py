@@ -18,15 +18,18 @@ Modes (--mode):
   interpolate           DDIM section 5.3: decoding slerps between pairs of x_T (DDIM, eta 0).
   interpolate_diffused  DDPM section 4.4: pairs of test images diffused to --t, mixed, decoded.
   reconstruct           DDIM section 5.4: test images -> x_T by DDIM inversion -> back.
-Sampling is sharded over all devices (and processes, with --distributed as in train.py).
+Sampling is sharded over all devices, and over processes with --distributed (as train.py):
+each process computes and writes its share of every batch (OUT/shards/I-P-of-N.npz), and
+process 0 assembles samples.npz after a barrier. OUT may be local or gs://; it must be shared
+by all processes, which is checked before sampling.
 """
 
-import json
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
 
 MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
 FLAGS = flags.FLAGS
@@ -36,7 +39,7 @@ flags.DEFINE_string("workdir", None, "a training workdir")
 flags.DEFINE_string("checkpoint", None, "a checkpoint directory: WORKDIR/checkpoints/STEP or convert.py's --out")
 flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
-flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_string("out", None, "output directory (local, or gs:// shared by every host)")
 flags.DEFINE_enum("mode", "samples", MODES, "what to produce")
 flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm_solver++"], "override config.sample.sampler")
 flags.DEFINE_integer("steps", None, "override config.sample.steps", lower_bound=1)
@@ -55,10 +58,7 @@ flags.DEFINE_bool("fid", False, "mode samples: FID and IS of the samples (see ev
 flags.DEFINE_string("reference_stats", None, "with --fid: statistics .npz of the reference images (default: "
                     "computed once from config.data.train_split and cached)")
 flags.DEFINE_string("inception_weights", None, "with --fid: pytorch-fid's Inception weights (see evaluate.py)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where JAX cannot find the cluster")
-flags.DEFINE_integer("num_processes", None, "number of processes, with --coordinator_address")
-flags.DEFINE_integer("process_id", None, "this process's index, with --coordinator_address")
+launch.define_distributed_flags()
 flags.mark_flags_as_required(["out"])
 
 # flags that apply only to some modes or samplers
@@ -101,32 +101,31 @@ def sampler_config(config):
     return config
 
 
-def check_run_settings(out: str, settings: dict) -> None:
-    """Record the settings of OUT's samples; refuse to add to samples of other settings."""
-    path = os.path.join(out, "sampling.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+def check_run_settings(out, settings: dict) -> None:
+    """Record the settings of OUT's samples (from process 0); refuse to add to samples of other settings."""
+    import jax
+
+    from diffusion_jax import storage
+
+    path = out / "sampling.json"
+    if path.exists():
+        saved = storage.read_json(path)
         differing = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)"
                      for k in settings if saved.get(k) != settings[k]]
         if differing:
             raise ValueError(f"{out} holds samples made with other settings: {', '.join(differing)}; "
                              "use a new --out to sample with these")
-    else:
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=1)
+    elif jax.process_index() == 0:
+        storage.write_json(path, settings)
 
 
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    import diffusion_jax  # noqa: F401  (sets XLA's CPU flags before JAX starts)
+    launch.start(FLAGS)
     import jax
 
-    if FLAGS.distributed:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from diffusion_jax import input_pipeline
 
     try:
@@ -136,12 +135,14 @@ def main(argv):
         sys.exit(2)
 
 
-def samples(jax, loaded, out: str):
-    """Mode samples: shards, then samples.npz and a grid of the first 64; FID and IS with --fid."""
+def samples(jax, loaded, out):
+    """Mode samples: each process's shards, then samples.npz and a grid of the first 64 from process 0;
+    FID and IS with --fid."""
     import numpy as np
+    from jax.experimental import multihost_utils
     from jax.sharding import Mesh
 
-    from diffusion_jax import image_io, sample_lib, train_lib
+    from diffusion_jax import image_io, sample_lib, storage, train_lib
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
@@ -157,20 +158,23 @@ def samples(jax, loaded, out: str):
                                      inception_weights=FLAGS.inception_weights)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     generate = sample_lib.Generator(config, train_lib.make_model(config), train_lib.make_schedule(config), mesh)
-    images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), os.path.join(out, "shards"),
+    images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), out / "shards",
                                          FLAGS.num_samples, FLAGS.batch_size, progress=sample_lib.Progress("samples"))
     if jax.process_index() == 0:
-        sample_lib.write_npz(os.path.join(out, "samples.npz"), images)
-        image_io.save_grid(images[:64], os.path.join(out, "samples.png"), scale=2)
-        train_lib.console(f"wrote {len(images)} samples to {os.path.join(out, 'samples.npz')} and samples.png")
+        storage.save_npz(out / "samples.npz", images)
+        image_io.save_grid(images[:64], out / "samples.png", scale=2)
+        train_lib.console(f"wrote {len(images)} samples to {out / 'samples.npz'} and samples.png")
     if evaluator is not None:
+        multihost_utils.sync_global_devices("samples.npz written")
+        if images is None:  # the other processes read what process 0 assembled
+            images = storage.load_npz(out / "samples.npz")["arr_0"]
         values = evaluator.fid_and_is(images)
         report.print_fid(values)
-        report.write_json(os.path.join(out, "metrics.json"), values)
+        report.write_json(out / "metrics.json", values)
 
 
 def run(jax):
-    from diffusion_jax import checkpoints, figures, train_lib
+    from diffusion_jax import checkpoints, figures, storage, train_lib
     from diffusion_jax import config as config_lib
 
     check_mode_flags()
@@ -181,8 +185,9 @@ def run(jax):
     check_sampler_flags(config)
     if FLAGS.batch_size % jax.device_count():
         raise ValueError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
-    out = os.path.abspath(FLAGS.out)
-    os.makedirs(out, exist_ok=True)
+    out = storage.path(FLAGS.out, what="--out")
+    storage.check_reachable(out, what="--out")
+    storage.check_shared(out)
     if FLAGS.mode == "samples":
         return samples(jax, loaded, out)
     m, rng = figures.Model(config, loaded.params), jax.random.PRNGKey(FLAGS.seed)

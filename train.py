@@ -10,13 +10,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
-flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples; resumed if it holds a run")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where JAX cannot find the cluster")
-flags.DEFINE_integer("num_processes", None, "number of processes, with --coordinator_address")
-flags.DEFINE_integer("process_id", None, "this process's index, with --coordinator_address")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples (local, or gs:// shared by every "
+                    "host); resumed if it holds a run")
+launch.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,15 +24,9 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries' INFO only on request
-    import diffusion_jax  # noqa: F401  (sets XLA's CPU flags before JAX starts)
-    import jax
-
-    if FLAGS.distributed:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; no effect elsewhere
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    launch.start(FLAGS)
     from diffusion_jax import input_pipeline, train_lib
 
-    logging.info("%d processes, %d devices: %s", jax.process_count(), jax.device_count(), jax.devices())
     try:
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, input_pipeline.DatasetNotPreparedError) as e:

@@ -9,14 +9,14 @@ one is the given config with the network and image shape of the checkpoint.
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import convert, train_lib
+from diffusion_jax import convert, storage, train_lib
 
 PARAMS = ("ema", "raw")
 
@@ -27,18 +27,18 @@ class Loaded(NamedTuple):
     source: str  # what was loaded: WORKDIR/checkpoints/STEP (ema or raw) or a converted checkpoint's path
 
 
-def _kind(path: str) -> str:
-    if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "params")):
+def _kind(path: epath.Path) -> str:
+    if (path / "model").is_dir() and (path / "params").is_dir():
         return "converted"
-    if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "config")):
+    if (path / "state").is_dir() and (path / "config").is_dir():
         return "training"
     raise ValueError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and params/) or "
                      "a training checkpoint WORKDIR/checkpoints/STEP (with state/ and config/)")
 
 
-def _training(workdir: str, step: int | None, which: str, config):
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+def _training(workdir: epath.Path, step: int | None, which: str, config):
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
         raise ValueError(f"{workdir} holds no checkpoints (no {directory}); train with train.py --workdir={workdir}")
     options = ocp.CheckpointManagerOptions(create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
@@ -56,10 +56,10 @@ def _training(workdir: str, step: int | None, which: str, config):
             train_lib.check_resume_compatible(config, saved)
         state = train_lib.restore_state(manager, step, train_lib.Trainer(config).abstract_state())
     return Loaded(config, state.ema_params if which == "ema" else state.params,
-                  f"{os.path.join(directory, str(step))} ({which})")
+                  f"{directory / str(step)} ({which})")
 
 
-def _converted(path: str, which: str, config):
+def _converted(path: epath.Path, which: str, config):
     if which != "ema":
         raise ValueError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} does not "
                          "apply (convert.py --raw chooses the raw TF weights when converting)")
@@ -74,7 +74,7 @@ def _converted(path: str, which: str, config):
     config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
                         attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv, dropout=0.0)
     config.data.image_size = image_shape[0]
-    return Loaded(config, params, path)
+    return Loaded(config, params, str(path))
 
 
 def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
@@ -89,12 +89,16 @@ def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int
     if which not in PARAMS:
         raise ValueError(f"params must be one of {PARAMS}, got {which!r}")
     if checkpoint is not None:
-        checkpoint = os.path.abspath(checkpoint)
-        if not os.path.isdir(checkpoint):
+        checkpoint = storage.checkpoint_path(checkpoint, what="checkpoint")
+        storage.check_reachable(checkpoint, what="checkpoint")
+        if not checkpoint.is_dir():
             raise ValueError(f"checkpoint {checkpoint} does not exist")
         if _kind(checkpoint) == "converted":
             if step is not None:
                 raise ValueError("--step applies to training workdirs, not to a converted checkpoint")
             return _converted(checkpoint, which, config)
-        workdir, step = os.path.dirname(os.path.dirname(checkpoint)), int(os.path.basename(checkpoint))
+        workdir, step = checkpoint.parent.parent, int(checkpoint.name)
+    else:
+        workdir = storage.checkpoint_path(workdir)
+        storage.check_reachable(workdir, what="workdir")
     return _training(workdir, step, which, config)

@@ -22,8 +22,6 @@ settings), written atomically.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 
@@ -33,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from diffusion_jax import storage
 from diffusion_jax.models.unet import PRESETS, UNet
 
 # diffusers layer names -> ours; the legacy attention names (query, key, value, proj_attn)
@@ -122,24 +121,25 @@ def unet_kwargs_from_diffusers_config(config: dict) -> dict:
 
 def load_diffusers(directory: str):
     """(flat params {path: array}, UNet kwargs, image shape) from a diffusers model directory."""
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
+    directory = storage.path(directory, what="diffusers directory")
+    config = storage.read_json(directory / "config.json")
     kwargs = unet_kwargs_from_diffusers_config(config)
-    safetensors_file = os.path.join(directory, "diffusion_pytorch_model.safetensors")
-    if os.path.exists(safetensors_file):
-        from safetensors.numpy import load_file
+    safetensors_file = directory / "diffusion_pytorch_model.safetensors"
+    if safetensors_file.exists():
+        from safetensors.numpy import load
 
-        state = load_file(safetensors_file)
+        state = load(safetensors_file.read_bytes())
     else:
-        bin_file = os.path.join(directory, "diffusion_pytorch_model.bin")
-        if not os.path.exists(bin_file):
+        bin_file = directory / "diffusion_pytorch_model.bin"
+        if not bin_file.exists():
             raise FileNotFoundError(f"{directory} has neither diffusion_pytorch_model.safetensors nor .bin")
         try:
             import torch
         except ImportError as e:
             raise ImportError("reading a .bin checkpoint needs torch (pip install torch); "
                               "a .safetensors file does not") from e
-        state = {k: v.numpy() for k, v in torch.load(bin_file, map_location="cpu", weights_only=True).items()}
+        with bin_file.open("rb") as f:
+            state = {k: v.numpy() for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
     levels = len(kwargs["ch_mult"])
     flat, unknown = {}, []
     for name, value in state.items():
@@ -208,8 +208,8 @@ def fit(flat: dict, model: UNet, image_shape) -> dict:
 
 def save(directory: str, params, unet_kwargs: dict, image_shape) -> None:
     """One atomic Orbax checkpoint: ``params`` and ``model`` (UNet kwargs and image shape)."""
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory):
+    directory = storage.checkpoint_path(directory, what="--out")
+    if directory.exists():
         raise FileExistsError(f"{directory} exists; choose a new --out directory")
     model = dict(unet=dict(unet_kwargs), image_shape=list(image_shape))
     model["unet"]["ch_mult"] = list(model["unet"]["ch_mult"])
@@ -222,7 +222,8 @@ def save(directory: str, params, unet_kwargs: dict, image_shape) -> None:
 def load(directory: str):
     """(params, UNet, image shape) from a checkpoint written by :func:`save`."""
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(os.path.abspath(directory), args=ocp.args.Composite(
+        path = storage.checkpoint_path(directory, what="checkpoint")
+        restored = checkpointer.restore(path, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()))
     model = restored["model"]
     unet = dict(model["unet"], ch_mult=tuple(model["unet"]["ch_mult"]),

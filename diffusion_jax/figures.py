@@ -8,14 +8,13 @@ compiled call on the default device.
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from diffusion_jax import image_io, input_pipeline, sample_lib, samplers, train_lib
+from diffusion_jax import image_io, input_pipeline, sample_lib, samplers, storage, train_lib
 
 NUM_RECORDED = 10  # columns of the progressive figure
 
@@ -44,11 +43,11 @@ class Model:
         return images[:num].astype(np.float32) / 127.5 - 1.0
 
 
-def _save(out: str, name: str, images, columns: int) -> str:
-    path = os.path.join(out, f"{name}.png")
+def _save(out: epath.Path, name: str, images, columns: int) -> str:
+    path = out / f"{name}.png"
     if jax.process_index() == 0:
         image_io.save_grid(image_io.to_uint8(images), path, columns=columns, scale=2)
-    return path
+    return str(path)
 
 
 def _row_major(stacked):
@@ -57,7 +56,7 @@ def _row_major(stacked):
     return jnp.swapaxes(stacked, 0, 1).reshape((-1,) + stacked.shape[2:])
 
 
-def progressive(m: Model, rng, out: str, num: int) -> list[str]:
+def progressive(m: Model, rng, out: epath.Path, num: int) -> list[str]:
     """DDPM Fig. 6: x_t and the predicted x_0 at ``NUM_RECORDED`` timesteps from T-1 to 0, one row an image."""
     visited = sample_lib.sampler_timesteps(m.config, m.sched)
     visited = np.arange(m.config.diffusion.num_timesteps) if visited is None else visited
@@ -76,7 +75,7 @@ def progressive(m: Model, rng, out: str, num: int) -> list[str]:
             _save(out, "progressive_x0", _row_major(result.pred_x0), len(record))]
 
 
-def interpolate(m: Model, rng, out: str, num: int, num_interp: int) -> list[str]:
+def interpolate(m: Model, rng, out: epath.Path, num: int, num_interp: int) -> list[str]:
     """DDIM section 5.3: each row decodes slerp(z_a, z_b, alpha) for ``num_interp`` alphas from 0 to 1."""
     alphas = jnp.linspace(0.0, 1.0, num_interp)
     za, zb = jax.random.normal(sample_lib.batch_keys(rng, 0)[0], (2,) + m.shape(num))
@@ -90,7 +89,7 @@ def interpolate(m: Model, rng, out: str, num: int, num_interp: int) -> list[str]
     return [_save(out, "interpolate", draw(m.params), num_interp)]
 
 
-def interpolate_diffused(m: Model, rng, out: str, num: int, num_interp: int, t: int) -> list[str]:
+def interpolate_diffused(m: Model, rng, out: epath.Path, num: int, num_interp: int, t: int) -> list[str]:
     """DDPM section 4.4 (Fig. 8): test images a, b in the first and last columns; between, decodings of
     (1 - lambda) x_t^a + lambda x_t^b for lambdas from 0 to 1."""
     x0 = m.test_images(2 * num)
@@ -109,7 +108,7 @@ def interpolate_diffused(m: Model, rng, out: str, num: int, num_interp: int, t: 
     return [_save(out, "interpolate_diffused", jnp.concatenate(rows), num_interp + 2)]
 
 
-def reconstruct(m: Model, out: str, num: int) -> list[str]:
+def reconstruct(m: Model, out: epath.Path, num: int) -> list[str]:
     """DDIM section 5.4: test images (top row) encoded by DDIM inversion and decoded (bottom row).
 
     Also writes ``reconstruct.json`` with the RMSE on the [0, 255] scale, as DDIM Table 2.
@@ -125,7 +124,6 @@ def reconstruct(m: Model, out: str, num: int) -> list[str]:
     back = round_trip(m.params)
     rmse = float(jnp.sqrt(jnp.mean(jnp.square((back - x0) * 127.5))))
     if jax.process_index() == 0:
-        with open(os.path.join(out, "reconstruct.json"), "w") as f:
-            json.dump({"rmse_0_255": rmse, "steps": len(steps), "images": num}, f)
+        storage.write_json(out / "reconstruct.json", {"rmse_0_255": rmse, "steps": len(steps), "images": num})
     train_lib.console(f"reconstruction RMSE over {num} test images ([0, 255] scale): {rmse:.3f}")
     return [_save(out, "reconstruct", jnp.concatenate([x0, back]), num)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 from PIL import Image
+
+from diffusion_jax import storage
 
 
 def to_uint8(x) -> np.ndarray:
@@ -13,8 +16,9 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path: str, *, columns: int | None = None, scale: int = 1) -> None:
-    """Write uint8 NHWC images (C = 1 or 3) as one PNG grid with a 1-pixel gap, enlarged ``scale`` times."""
+def save_grid(images: np.ndarray, path, *, columns: int | None = None, scale: int = 1) -> None:
+    """Write uint8 NHWC images (C = 1 or 3) as one PNG grid with a 1-pixel gap, enlarged ``scale`` times,
+    to ``path`` (any filesystem of ``storage``)."""
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
@@ -23,4 +27,6 @@ def save_grid(images: np.ndarray, path: str, *, columns: int | None = None, scal
         r, col = divmod(i, columns)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    png = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(png, format="PNG")
+    storage.write_bytes(storage.path(path), png.getvalue())

@@ -2,23 +2,23 @@
 
 Batch ``i`` of a run with key ``rng`` draws its x_T and its sampler noise from
 ``fold_in(rng, i)``: a batch is a pure function of (params, rng, i), whatever the batches
-before it or an interruption in between. Long runs write each batch as a shard and resume
-after the last complete one.
+before it or an interruption in between. Long runs write each batch as shards, one per
+process, and resume after the last complete one.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import image_io, samplers, schedule
+from diffusion_jax import image_io, samplers, schedule, storage
 from diffusion_jax.models.unet import UNet
 
 
@@ -87,45 +87,60 @@ class Generator:
         images = self.compiled(num)(params, rng, np.int32(index))
         return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
 
+    def local(self, params, num: int, rng, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's share of batch ``index`` (``num`` a multiple of the devices): the rows it
+        holds and their uint8 NHWC images, computed on its own devices only."""
+        if num % self.mesh.size:
+            raise ValueError(f"a batch of {num} images does not divide over the {self.mesh.size} devices")
+        images = self.compiled(num)(params, rng, np.int32(index))
+        shards = sorted(images.addressable_shards, key=lambda shard: shard.index[0].start)
+        rows = np.concatenate([np.arange(num)[shard.index[0]] for shard in shards])
+        return rows, image_io.to_uint8(np.concatenate([np.asarray(shard.data) for shard in shards]))
 
-def _shard_path(directory: str, index: int) -> str:
-    return os.path.join(directory, f"{index:06d}.npz")
+
+def _piece(directory: epath.Path, index: int, process: int) -> epath.Path:
+    """Process ``process``'s share of batch ``index``, in a run of ``jax.process_count()`` processes."""
+    return directory / f"{index:06d}-{process:03d}-of-{jax.process_count():03d}.npz"
 
 
-def completed_shards(directory: str) -> int:
-    """The number of consecutive complete shards 0, 1, ... in ``directory``."""
+def completed_batches(directory: epath.Path) -> int:
+    """The number of consecutive complete batches 0, 1, ... in ``directory``: those with the share of
+    every process of this run (as process 0 sees them, for all processes to agree)."""
+    names = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
     index = 0
-    while os.path.exists(_shard_path(directory, index)):
+    while all(_piece(directory, index, process).name in names for process in range(jax.process_count())):
         index += 1
-    return index
+    return int(multihost_utils.broadcast_one_to_all(np.int32(index)))
 
 
-def write_npz(path: str, array: np.ndarray) -> None:
-    """``path`` with ``arr_0`` = ``array``, written whole or not at all (a temp file, then a rename)."""
-    temp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(temp, array)
-    os.replace(temp, path)
+def sample_to_shards(generate: Generator, params, rng, directory: epath.Path, num: int, batch_size: int,
+                     progress=None) -> np.ndarray | None:
+    """``num`` images in batches of ``batch_size``, resumed after the last complete batch in ``directory``.
 
-
-def sample_to_shards(generate, params, rng, directory: str, num: int, batch_size: int, progress=None) -> np.ndarray:
-    """``num`` images in shards of ``batch_size`` (batch i in ``directory/i.npz``), resumed after the last complete one.
-
-    ``generate(params, batch_size, rng, i)`` gives batch i; as it depends on i alone, a resumed
-    run writes what an uninterrupted one would. Returns all ``num`` images (uint8 NHWC).
-    Only process 0 writes; ``progress(done, total)`` is called after each batch.
+    Each process computes its share of batch i (``Generator.local``) and writes it as
+    ``directory/i-PROCESS-of-COUNT.npz`` with the rows it holds; as batch i depends on i alone,
+    a resumed run writes what an uninterrupted one would. After a barrier process 0 assembles
+    and returns all ``num`` images (uint8 NHWC); the other processes return None.
+    ``directory`` must be shared by all processes (``storage.check_shared``).
+    ``progress(done, total)`` is called after each batch.
     """
-    os.makedirs(directory, exist_ok=True)
     total = -(-num // batch_size)
-    start = completed_shards(directory)
-    for index in range(start, total):
-        images = generate(params, batch_size, rng, index)
-        if jax.process_index() == 0:
-            write_npz(_shard_path(directory, index), images)
+    for index in range(completed_batches(directory), total):
+        rows, images = generate.local(params, batch_size, rng, index)
+        storage.save_npz(_piece(directory, index, jax.process_index()), images=images, rows=rows)
         if progress is not None:
             progress(min((index + 1) * batch_size, num), num)
-    multihost_utils.sync_global_devices("sample_to_shards")  # every shard written before anyone reads
-    shards = [np.load(_shard_path(directory, i))["arr_0"] for i in range(total)]
-    return np.concatenate(shards)[:num]
+    multihost_utils.sync_global_devices("sample_to_shards")  # every share written before process 0 reads
+    if jax.process_index() != 0:
+        return None
+    assembled = None
+    for index in range(total):
+        for process in range(jax.process_count()):
+            piece = storage.load_npz(_piece(directory, index, process))
+            if assembled is None:
+                assembled = np.empty((total * batch_size,) + piece["images"].shape[1:], np.uint8)
+            assembled[index * batch_size + piece["rows"]] = piece["images"]
+    return assembled[:num]
 
 
 class Progress:

@@ -37,7 +37,7 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, timestep_sampler
+from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, storage, timestep_sampler
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
@@ -203,11 +203,12 @@ def saved_tree(state: TrainState) -> dict:
     return {k: v for k, v in state._asdict().items() if v is not None}
 
 
-def checkpoint_manager(workdir: str, config, create: bool) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: epath.Path, config, create: bool) -> ocp.CheckpointManager:
+    """The run's checkpoints, ``workdir/checkpoints`` (``workdir``: a ``storage.checkpoint_path``)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_period or None,
         create=create, cleanup_tmp_directories=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
 def _restore_config(manager, step) -> dict:
@@ -256,10 +257,10 @@ class _Writer:
     opens local and gs:// workdirs alike.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            directory = epath.Path(workdir) / "tensorboard"
+            directory = workdir / "tensorboard"
             directory.mkdir(parents=True, exist_ok=True)
             name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
             self._records = RecordWriter((directory / name).open("wb"))
@@ -275,12 +276,17 @@ class _Writer:
             scalars = [v for name, value in values.items() for v in scalar_pb(name, value).value]
             self._write(Event(step=step, summary=Summary(value=scalars)))
 
+    def close(self) -> None:
+        if self.enabled:
+            self._records.close()
+
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Train (or resume) the run of ``config`` in ``workdir``; returns the final state."""
+    """Train (or resume) the run of ``config`` in ``workdir`` (local or gs://); returns the final state."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir):
+    workdir = storage.checkpoint_path(workdir)
+    storage.check_reachable(workdir, what="workdir")
+    if (workdir / "checkpoints").is_dir():
         with checkpoint_manager(workdir, config, create=False) as manager:
             if manager.latest_step() is not None:
                 check_resume_compatible(config, _restore_config(manager, manager.latest_step()))
@@ -299,7 +305,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
         periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    storage.check_shared(workdir)
     manager = checkpoint_manager(workdir, config, create=True)
     state = trainer.init(init_rng)
     last_good = manager.latest_step()
@@ -343,19 +349,20 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             if config.sample.every and (done % config.sample.every == 0 or done == t.num_steps):
                 grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
                 if process == 0:
-                    image_io.save_grid(grid, os.path.join(workdir, "samples", f"step_{done:08d}.png"), scale=2)
+                    image_io.save_grid(grid, workdir / "samples" / f"step_{done:08d}.png", scale=2)
             if periodic_eval is not None and (done % config.eval.every == 0 or done == t.num_steps):
                 values = periodic_eval(state.ema_params, sample_rng)
                 writer.scalars(done, values)
                 console(f"step {done} evaluation: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
+        if config.eval.num_samples:
+            untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
+            report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
     finally:
         prefetch.close()
         preemption.close()
         manager.wait_until_finished()
         manager.close()
-    if config.eval.num_samples:
-        untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
-        report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
+        writer.close()
     return state
 
 
@@ -370,7 +377,7 @@ def report_quality(trainer, state, initial_params, train_images, heldout, rng, w
                for name, x in (("real_vs_real", floor_set), ("ema_model", samples), ("untrained_model", untrained))}
     writer.scalars(int(state.step), {f"swd/{k}": v for k, v in figures.items()})
     if jax.process_index() == 0:
-        image_io.save_grid(samples[:64], os.path.join(workdir, "samples", "final.png"), scale=2)
+        image_io.save_grid(samples[:64], workdir / "samples" / "final.png", scale=2)
         console(f"sliced Wasserstein distance to {n} held-out images (pixel space, lower is better): "
                 f"real images {figures['real_vs_real']:.4f} (floor) | trained model {figures['ema_model']:.4f} | "
                 f"untrained model {figures['untrained_model']:.4f}")

@@ -7,6 +7,7 @@ cache (a train.py run of the tiny config: 48 s -> 17 s); it is removed at exit.
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,8 +17,8 @@ COMPILATION_CACHE = tempfile.mkdtemp(prefix="diffusion-jax-test-cache-")
 atexit.register(shutil.rmtree, COMPILATION_CACHE, True)
 
 
-def environment(devices=1):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3",
+def environment(devices=1, **variables):
+    return dict(os.environ, **variables, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3",
                 JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -26,9 +27,35 @@ def command(script, *args):
     return [sys.executable, os.path.join(ROOT, script), *args]
 
 
-def run(script, *args, devices=1, expect=0, timeout=900):
-    """Run ``script`` with ``args``; assert its exit status is ``expect`` and return the result."""
-    result = subprocess.run(command(script, *args), env=environment(devices), capture_output=True, text=True,
-                            timeout=timeout)
+def run(script, *args, devices=1, expect=0, timeout=900, cwd=None, **variables):
+    """Run ``script`` with ``args`` (in ``cwd``, with environment ``variables`` added); assert its exit
+    status is ``expect`` and return the result."""
+    result = subprocess.run(command(script, *args), env=environment(devices, **variables), capture_output=True,
+                            text=True, timeout=timeout, cwd=cwd)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(script, *args, processes=2, devices=2, timeout=900, **variables):
+    """Run ``script`` as ``processes`` processes of ``devices`` CPU devices each over 127.0.0.1; assert
+    each exits 0 and return their (stdout, stderr)."""
+    port = free_port()
+    running = [subprocess.Popen(command(script, *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                                        f"--num_processes={processes}", f"--process_id={i}"),
+                                env=environment(devices, **variables), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+               for i in range(processes)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in running]
+    finally:
+        for p in running:
+            p.kill()
+    for i, (p, (out, err)) in enumerate(zip(running, outputs)):
+        assert p.returncode == 0, f"process {i}: {out[-2000:]}{err[-3000:]}"
+    return outputs

@@ -5,6 +5,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,23 +37,24 @@ def test_the_library_is_built_and_used_on_this_machine():
     assert conv.uses_onednn()
 
 
-def test_a_library_that_does_not_load_is_an_error_naming_the_fix(monkeypatch):
-    def broken(path):
-        raise OSError("libdnnl.so.3: cannot open shared object file")
-
-    if not conv.onednn_available():
-        pytest.skip("the library is not built here")
-    monkeypatch.setattr(conv.ctypes, "CDLL", broken)
-    conv._library.cache_clear()
-    conv.onednn_available.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="make install.*DIFFUSION_JAX_ONEDNN=0"):
-            conv.onednn_available()
-    finally:
-        monkeypatch.undo()
-        conv._library.cache_clear()
-        conv.onednn_available.cache_clear()
-        assert conv.onednn_available()  # loads and registers again
+def test_a_library_that_does_not_load_is_one_warning_and_xla_convolutions(tmp_path, monkeypatch):
+    library = tmp_path / "_onednn_conv.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"not a shared library")
+    monkeypatch.setattr(conv, "__file__", str(tmp_path / "models" / "conv.py"))  # where _library looks
+    # uncached copies for this test; the module's own, with the real library, come back after it
+    monkeypatch.setattr(conv, "_library", functools.cache(conv._library.__wrapped__))
+    monkeypatch.setattr(conv, "onednn_available", functools.cache(conv.onednn_available.__wrapped__))
+    x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # each warning recorded, repeats included
+        assert not conv.onednn_available()
+        assert not conv.uses_onednn()
+        np.testing.assert_allclose(onednn_conv(x, w, (1, 1), "SAME"), xla_conv(x, w, (1, 1), "SAME"),
+                                   rtol=1e-6)
+    assert [warning.category for warning in warned] == [RuntimeWarning], [str(m.message) for m in warned]
+    message = str(warned[0].message)
+    assert str(library) in message and "make install" in message, message
+    assert "pip install --no-build-isolation -e ." in message, message
 
 
 needs_onednn = pytest.mark.skipif(not conv.uses_onednn(), reason="oneDNN convolutions not in use here")

@@ -21,7 +21,7 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (40, 16, 16, 1)
     assert len(np.unique(images.reshape(40, -1), axis=0)) == 40
     assert (tmp_path / "samples.png").stat().st_size > 0
-    assert sorted(os.listdir(tmp_path / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
+    assert sorted(os.listdir(tmp_path / "shards")) == [f"00000{i}-000-of-001.npz" for i in range(3)]
     assert "wrote 40 samples" in result.stdout
     settings = json.loads((tmp_path / "sampling.json").read_text())
     assert settings["sample"]["steps"] == 10 and settings["model"].endswith("checkpoints/300 (ema)")

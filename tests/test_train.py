@@ -9,7 +9,6 @@ import importlib.util
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -153,15 +152,9 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     assert all(np.isfinite(p).all() for p in params_of(state))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
     """2 processes x 2 devices over 127.0.0.1 == 1 process x 4 devices fed the two halves' batches."""
-    workdir, port = str(tmp_path / "distributed"), free_port()
+    workdir, port = str(tmp_path / "distributed"), scripts.free_port()
     processes = [
         subprocess.Popen(command(workdir) + ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
                                              "--num_processes=2", f"--process_id={i}"],

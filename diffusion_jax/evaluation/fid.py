@@ -6,10 +6,12 @@ Statistics are float64: the mean and covariance of the 2048 pool features. Sampl
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
+import jax
 import numpy as np
+
+from diffusion_jax import storage
 
 
 class Statistics(NamedTuple):
@@ -77,19 +79,16 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_statistics(path: str, stats: Statistics) -> None:
-    """``path`` (.npz with ``mu`` and ``sigma``), written whole or not at all."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(temp, mu=stats.mu, sigma=stats.sigma)
-    os.replace(temp, path)
+def save_statistics(path, stats: Statistics) -> None:
+    """``path`` (.npz with ``mu`` and ``sigma``, any filesystem of ``storage``), written whole or not at all."""
+    storage.save_npz(storage.path(path), mu=stats.mu, sigma=stats.sigma)
 
 
-def load_statistics(path: str) -> Statistics:
-    with np.load(path) as f:
-        if not {"mu", "sigma"} <= set(f.files):
-            raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {f.files}")
-        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+def load_statistics(path) -> Statistics:
+    arrays = storage.load_npz(storage.path(path))
+    if not {"mu", "sigma"} <= arrays.keys():
+        raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {list(arrays)}")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
     return Statistics(mu, sigma)
@@ -104,23 +103,26 @@ def check_samples(images, name: str) -> np.ndarray:
     return images
 
 
-def load_samples(path: str) -> np.ndarray:
-    """``arr_0`` of an .npz of samples, checked."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no sample file {path}")
-    with np.load(path) as f:
-        if "arr_0" not in f.files:
-            raise ValueError(f"{path} has no arr_0 (it has {f.files}); samples are saved as np.savez(path, images)")
-        return check_samples(f["arr_0"], f"{path}'s arr_0")
+def load_samples(path) -> np.ndarray:
+    """``arr_0`` of an .npz of samples (any filesystem of ``storage``), checked."""
+    source = storage.path(path, what="sample file")
+    if not source.exists() or source.is_dir():
+        raise FileNotFoundError(f"no sample file {source}")
+    arrays = storage.load_npz(source)
+    if "arr_0" not in arrays:
+        raise ValueError(f"{path} has no arr_0 (it has {list(arrays)}); samples are saved as np.savez(path, images)")
+    return check_samples(arrays["arr_0"], f"{path}'s arr_0")
 
 
-def reference_statistics(dataset: str, split: str, image_size: int, data_dir, extractor, cache_path: str) -> Statistics:
-    """Statistics of all images of ``dataset``/``split``, read from ``cache_path`` or computed and saved there."""
-    if os.path.exists(cache_path):
+def reference_statistics(dataset: str, split: str, image_size: int, data_dir, extractor, cache_path) -> Statistics:
+    """Statistics of all images of ``dataset``/``split``, read from ``cache_path`` or computed (by every
+    process, each its share of the features) and saved there by process 0."""
+    if storage.path(cache_path).exists():
         return load_statistics(cache_path)
     from diffusion_jax import input_pipeline
 
     images = input_pipeline.load(dataset, split, image_size=image_size, data_dir=data_dir)
     stats = statistics(extractor(images)[0])
-    save_statistics(cache_path, stats)
+    if jax.process_index() == 0:
+        save_statistics(cache_path, stats)
     return stats

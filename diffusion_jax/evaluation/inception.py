@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax import storage
 from diffusion_jax.models import conv
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -180,14 +181,16 @@ class InceptionV3(nn.Module):
 def weights_path(path: str | None = None) -> str:
     """The weights file: ``path``, else $DIFFUSION_JAX_INCEPTION_WEIGHTS, else the .npz or .pth in the cache.
 
-    The cache is ~/.cache/diffusion_jax/; a missing file is a FileNotFoundError that says where to get it.
+    The cache is ~/.cache/diffusion_jax/ (local to each host); ``path`` may be on any filesystem
+    of ``storage`` (gs://...). A missing file is a FileNotFoundError that says where to get it.
     """
     if path is None:
         path = os.environ.get(WEIGHTS_ENV)
     if path is None:
         stem = os.path.join(DEFAULT_DIR, os.path.splitext(WEIGHTS_FILE)[0])
         path = next((p for p in (stem + ".npz", stem + ".pth") if os.path.exists(p)), stem + ".pth")
-    if not os.path.isfile(path):
+    path = str(storage.path(path, what="Inception weights"))
+    if not storage.path(path).exists() or storage.path(path).is_dir():
         raise FileNotFoundError(
             f"the Inception weights for FID and IS are not at {path}. They are pytorch-fid's release ({WEIGHTS_FILE}); "
             f"download them once with\n  mkdir -p {DEFAULT_DIR} && "
@@ -203,7 +206,8 @@ def _read_pth(path: str) -> dict:
         raise ValueError(f"reading {path} (a PyTorch file) needs torch: pip install torch (a CPU build is enough), "
                          "or convert it once where torch is installed: python -m diffusion_jax.evaluation.inception "
                          f"--convert {path} --out WEIGHTS.npz") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.path(path).open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in state.items()}
 
 
@@ -255,8 +259,7 @@ def _check(flat: dict, path: str) -> dict:
 def load_params(path: str) -> dict:
     """The params of :class:`InceptionV3` from pytorch-fid's ``.pth`` or the ``.npz`` of ``--convert``."""
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            flat = {k: f[k] for k in f.files}
+        flat = storage.load_npz(storage.path(path))
     else:
         try:
             state = _read_pth(path)
@@ -329,9 +332,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-    temp = f"{args.out}.tmp-{os.getpid()}.npz"
-    np.savez(temp, **flat)
-    os.replace(temp, args.out)
+    storage.save_npz(storage.path(args.out), **flat)
     print(f"wrote {args.out}: {sum(v.size for v in flat.values()):,} parameters")
     return 0
 

@@ -8,6 +8,7 @@ sharded over the devices in batches; batch i draws its noise from ``fold_in(rng,
 
 from __future__ import annotations
 
+import io
 from typing import NamedTuple
 
 import jax
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import losses, train_lib
+from diffusion_jax import losses, storage, train_lib
 
 
 class Likelihood(NamedTuple):
@@ -87,8 +88,9 @@ def nll(config, params, images: np.ndarray, rng, batch_size: int, progress=None)
     return Evaluator(config, batch_size)(params, images, rng, progress)
 
 
-def plot_rate_distortion(result: Likelihood, path: str) -> None:
-    """DDPM Fig. 5: distortion and rate against the reverse-process step, and distortion against rate."""
+def plot_rate_distortion(result: Likelihood, path) -> None:
+    """DDPM Fig. 5: distortion and rate against the reverse-process step, and distortion against rate, as a
+    PNG at ``path`` (any filesystem of ``storage``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,5 +110,7 @@ def plot_rate_distortion(result: Likelihood, path: str) -> None:
     axes[1].invert_xaxis()
     fig.suptitle(f"NLL {result.mean:.3f} +- {result.stderr:.3f} bits/dim over {len(result.bpd)} images")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(storage.path(path), png.getvalue())

@@ -8,20 +8,16 @@ the samples' 1008-way softmax. The papers report both on 50,000 samples.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import numpy as np
 
-from diffusion_jax import train_lib
+from diffusion_jax import storage, train_lib
 from diffusion_jax.evaluation import fid, inception, likelihood
-
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax")
 
 
 def default_reference_path(dataset: str, split: str, image_size: int) -> str:
-    return os.path.join(CACHE, "fid_stats", f"{dataset}_{split}_{image_size}.npz")
+    """The statistics cache of a dataset's split, in the user's local cache (``inception.DEFAULT_DIR``)."""
+    return str(storage.path(inception.DEFAULT_DIR) / "fid_stats" / f"{dataset}_{split}_{image_size}.npz")
 
 
 class Evaluator:
@@ -39,8 +35,7 @@ class Evaluator:
     def reference(self) -> fid.Statistics:
         if self._reference is None:
             d = self._data
-            exists = os.path.exists(self.reference_path)
-            if not exists:
+            if not storage.path(self.reference_path).exists():
                 train_lib.console(f"computing the FID statistics of {d.name}/{d.train_split} once; cached at "
                                   f"{self.reference_path}")
             self._reference = fid.reference_statistics(d.name, d.train_split, d.image_size, d.data_dir,
@@ -58,10 +53,10 @@ class Evaluator:
                 "inception_score_std": is_std, "num_samples": int(len(images)), "reference": self.reference_path}
 
 
-def write_json(path: str, values: dict) -> None:
+def write_json(path, values: dict) -> None:
+    """``values`` as JSON at ``path`` (any filesystem of ``storage``), from process 0."""
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(values, f, indent=1)
+        storage.write_json(storage.path(path), values)
 
 
 def print_fid(values: dict) -> None:

@@ -1,0 +1,75 @@
+"""What each entry point does first: join the other processes of a run, and say where JAX runs.
+
+``start`` prints one line per process before anything compiles: the JAX version, backend,
+device kind and count, and processes, so that a TPU VM or GPU box that installed CPU-only
+JAX is seen at once rather than as a slow first step; and a warning on stderr when the
+backend is the CPU while the host shows signs of an accelerator (``/dev/accel*`` of TPU VMs,
+``/dev/nvidia*`` of NVIDIA GPUs, the variables of Cloud TPU VMs).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from absl import flags
+
+DEVICE_FILES = ("/dev/accel*", "/dev/nvidia*")
+# what Cloud TPU VMs and their runtimes set (not TPU_SKIP_MDS_QUERY, which JAX itself sets on any host)
+TPU_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+
+
+def define_distributed_flags() -> None:
+    """The flags of multi-process runs, as the entry points take them."""
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where JAX cannot find the cluster")
+    flags.DEFINE_integer("num_processes", None, "number of processes, with --coordinator_address")
+    flags.DEFINE_integer("process_id", None, "this process's index, with --coordinator_address")
+
+
+def accelerator_signs(device_files=None, environ=None) -> list[str]:
+    """What on this host suggests a TPU or GPU: device files and TPU runtime variables."""
+    device_files = sorted(f for pattern in DEVICE_FILES for f in glob.glob(pattern)) if device_files is None \
+        else device_files
+    environ = os.environ if environ is None else environ
+    return list(device_files) + [k for k in TPU_VARIABLES if k in environ]
+
+
+def cpu_warning(backend: str, signs: list[str]) -> str | None:
+    """The warning for a CPU backend on a host with ``signs`` of an accelerator, or None."""
+    if backend != "cpu" or not signs:
+        return None
+    shown = ", ".join(signs[:4]) + (" ..." if len(signs) > 4 else "")
+    return (f"warning: JAX runs on the CPU, but this host has {shown}: JAX for the accelerator is not installed "
+            "or cannot reach it. Install it with pip install 'jax[tpu]' or 'jax[cuda12]' at the pinned version "
+            "(README.md, 'Install on a TPU VM, a GPU box, a pod') and check python -c 'import jax; print(jax.devices())'")
+
+
+def startup_line() -> str:
+    """Backend, device kind and count, and processes of the running JAX."""
+    import jax
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    line = (f"JAX {jax.__version__}: backend {jax.default_backend()}, {len(devices)} device(s) ({', '.join(kinds)}), "
+            f"{jax.local_device_count()} on this host; process {jax.process_index()} of {jax.process_count()}")
+    if jax.default_backend() == "cpu":
+        from diffusion_jax.models import conv
+
+        line += f"; CPU convolutions: {'oneDNN' if conv.uses_onednn() else 'XLA'}"
+    return line
+
+
+def start(flag_values) -> None:
+    """``jax.distributed.initialize()`` if ``--distributed``, then the startup line (and warning)."""
+    import jax  # here, not at import: the entry points parse their flags without loading JAX
+
+    if flag_values.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; no effect elsewhere
+        jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
+                                   flag_values.process_id)
+    print(startup_line(), flush=True)
+    warning = cpu_warning(jax.default_backend(), accelerator_signs())
+    if warning:
+        print(warning, file=sys.stderr, flush=True)

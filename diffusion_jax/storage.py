@@ -1,0 +1,120 @@
+"""The project's files on any filesystem etils.epath opens: local paths, gs:// (and s3://, az://, hf://).
+
+Every path a user gives (workdir, checkpoints, samples and shards, metrics, grids, FID
+statistics, Inception weights, converted checkpoints, figures) goes through :func:`path`, so
+that ``gs://bucket/run`` is a bucket on every host of a pod, not ``./gs:/bucket/run`` on one
+host's disk; files are read and written with epath, as Orbax does. Checkpoints are Orbax's,
+whose arrays TensorStore writes to local paths and gs:// only (:func:`checkpoint_path`).
+
+Files written here are whole or absent: each goes to a temporary name first and is then
+renamed (on object stores the rename is a copy, which is atomic per object).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+URL_SCHEMES = ("gs", "s3", "az", "hf")  # the URLs epath opens
+CHECKPOINT_SCHEMES = ("gs",)  # the URLs Orbax's TensorStore writes arrays to (besides local paths)
+
+
+def path(value, *, what: str = "path") -> epath.Path:
+    """``value`` (a str or path) as an ``epath.Path``: a URL as it is, a local path made absolute.
+
+    A URL whose scheme epath cannot open is a ValueError naming ``what`` it was.
+    """
+    text = os.fspath(value)
+    scheme, separator, _ = text.partition("://")
+    if not separator:
+        return epath.Path(text).expanduser().resolve()
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"{what} {text}: {scheme}:// is not a filesystem this program can open; use a local "
+                         f"path or one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+    return epath.Path(text)
+
+
+def checkpoint_path(value, *, what: str = "workdir") -> epath.Path:
+    """:func:`path` of a directory that holds Orbax checkpoints: a local path or gs://."""
+    result = path(value, what=what)
+    scheme = os.fspath(result).partition("://")[0]
+    if "://" in os.fspath(result) and scheme not in CHECKPOINT_SCHEMES:
+        raise ValueError(f"{what} {result}: Orbax checkpoints are written to local paths and gs:// only, not "
+                         f"{scheme}://; use a bucket on gs:// or a filesystem mounted on every host")
+    return result
+
+
+def check_reachable(directory: epath.Path, *, what: str = "path") -> None:
+    """Ask ``directory``'s filesystem once whether it exists, so that a missing client library
+    (gcsfs, TensorFlow's gfile), missing credentials or a file in its place fail here, before
+    anything is written, as a ValueError naming the path and the cause."""
+    try:
+        is_file = directory.exists() and not directory.is_dir()
+    except Exception as e:  # each filesystem raises its own kinds; the message names the cause
+        raise ValueError(f"cannot open {what} {directory}: {type(e).__name__}: {e}") from e
+    if is_file:
+        raise ValueError(f"{what} {directory} is a file, not a directory")
+
+
+def write_bytes(destination: epath.Path, data: bytes) -> None:
+    """``destination`` with ``data``, written whole or not at all (a temporary name, then a rename).
+
+    Local parent directories are made as needed; object stores (URLs) have none to make."""
+    if "://" not in os.fspath(destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f"{destination.name}.tmp-{os.getpid()}")
+    temporary.write_bytes(data)
+    temporary.replace(destination)
+
+
+def save_npz(destination: epath.Path, *args, **arrays) -> None:
+    """``np.savez(destination, *args, **arrays)``, written whole or not at all."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *args, **arrays)
+    write_bytes(destination, buffer.getvalue())
+
+
+def load_npz(source: epath.Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz ``source``, read at once (no pickled objects)."""
+    with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def write_json(destination: epath.Path, value) -> None:
+    write_bytes(destination, json.dumps(value, indent=1).encode())
+
+
+def read_json(source: epath.Path):
+    return json.loads(source.read_text())
+
+
+def check_shared(directory: epath.Path) -> None:
+    """In a multi-process run, a ValueError on every process unless all of them see ``directory``
+    as process 0 does: process 0 writes a marker there, every process looks for it, and the
+    answers are gathered so that all stop together rather than some waiting for the others."""
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62))))
+    marker = directory / f".shared-check-{token}"
+    if jax.process_index() == 0:
+        write_bytes(marker, str(token).encode())
+    multihost_utils.sync_global_devices("storage.check_shared: marker written")
+    try:
+        seen = marker.exists() and marker.read_text() == str(token)
+    except OSError:
+        seen = False
+    everyone = np.asarray(multihost_utils.process_allgather(np.bool_(seen)))
+    if jax.process_index() == 0:
+        marker.unlink()
+    if not everyone.all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(~everyone))
+        raise ValueError(f"{directory} is not shared between the processes: process(es) {blind} cannot see a file "
+                         "that process 0 wrote there; give a directory every host reads and writes (gs://bucket/... "
+                         "or a shared filesystem)")
