@@ -189,8 +189,9 @@ def weights_path(path: str | None = None) -> str:
     if path is None:
         stem = os.path.join(DEFAULT_DIR, os.path.splitext(WEIGHTS_FILE)[0])
         path = next((p for p in (stem + ".npz", stem + ".pth") if os.path.exists(p)), stem + ".pth")
-    path = str(storage.path(path, what="Inception weights"))
-    if not storage.path(path).exists() or storage.path(path).is_dir():
+    weights = storage.path(path, what="Inception weights")
+    path = str(weights)
+    if not weights.exists() or weights.is_dir():
         raise FileNotFoundError(
             f"the Inception weights for FID and IS are not at {path}. They are pytorch-fid's release ({WEIGHTS_FILE}); "
             f"download them once with\n  mkdir -p {DEFAULT_DIR} && "
