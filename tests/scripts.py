@@ -36,6 +36,12 @@ def run(script, *args, devices=1, expect=0, timeout=900, cwd=None, **variables):
     return result
 
 
+def local_files(*directories):
+    """Every file under ``directories``, as sorted paths."""
+    return sorted(os.path.join(root, name) for directory in directories
+                  for root, _, names in os.walk(directory) for name in names)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

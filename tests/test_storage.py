@@ -12,11 +12,6 @@ from diffusion_jax import storage
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 
-def local_files(*directories):
-    return sorted(os.path.join(root, name) for directory in directories
-                  for root, _, names in os.walk(directory) for name in names)
-
-
 @pytest.mark.parametrize("script, args, message", [
     ("train.py", [f"--config={TINY}", "--workdir=ftp://host/run"], "ftp:// is not a filesystem"),
     ("train.py", [f"--config={TINY}", "--workdir=s3://bucket/run"], "Orbax checkpoints are written"),
@@ -26,7 +21,7 @@ def local_files(*directories):
 def test_a_scheme_that_cannot_be_opened_is_an_error_before_writing(tmp_path, script, args, message):
     result = scripts.run(script, *args, expect=2, cwd=tmp_path)
     assert message in result.stderr, result.stderr[-2000:]
-    assert local_files(tmp_path) == []
+    assert scripts.local_files(tmp_path) == []
 
 
 def test_a_workdir_that_is_a_file_is_an_error(tmp_path):
