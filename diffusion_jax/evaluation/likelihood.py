@@ -60,7 +60,8 @@ class Evaluator:
                                       mean_type=d.mean_type, var_type=d.var_type)
             return out.total, out.terms, out.prior, jnp.sqrt(out.x0_mse) * 127.5
 
-        self._bound = jax.jit(bound, in_shardings=(replicated, self.data, replicated), out_shardings=self.data)
+        # the jitted bound: (params, uint8 [batch, H, W, C], key) -> (total, terms, prior, rmse) per image
+        self.bound = jax.jit(bound, in_shardings=(replicated, self.data, replicated), out_shardings=self.data)
 
     def __call__(self, params, images: np.ndarray, rng, progress=None) -> Likelihood:
         """The bound of each of ``images`` (uint8 NHWC); noise of batch i from ``fold_in(rng, i)``.
@@ -75,7 +76,7 @@ class Evaluator:
             batch = images[start:start + self.batch_size]
             padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), axis=0)])
             x = jax.make_array_from_callback(padded.shape, self.data, lambda index: padded[index])  # any process count
-            out = self._bound(params, x, jax.random.fold_in(rng, i))
+            out = self.bound(params, x, jax.random.fold_in(rng, i))
             results.append([np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)] for a in out])
             if progress is not None:
                 progress(start + len(batch), len(images))

@@ -16,7 +16,9 @@ rounding:
 
 - the library was built (``make install`` builds it on x86-64 with a C++ compiler, see setup.py)
   and loads (one that does not is named in a warning, with the fix);
-- the default backend is the CPU: GPU and TPU programs never contain the call;
+- the program is lowered for the CPU: the call sits in the CPU branch of
+  ``lax.platform_dependent``, whose other branch is XLA's convolution, so one traced program
+  lowers to oneDNN on a CPU and to XLA's convolutions for GPU and TPU (``jax.export`` included);
 - the run has one device (``jax.device_count() == 1``): a custom call carries no partitioning
   rule, so in a program sharded over several devices XLA would gather its operands whole;
 - float32 NHWC activations and HWIO weights, no dilation, one feature group, no negative
@@ -70,9 +72,13 @@ def onednn_available() -> bool:
 
 
 def uses_onednn() -> bool:
-    """Whether convolutions traced now go to oneDNN (see the module docstring)."""
-    return (os.environ.get("DIFFUSION_JAX_ONEDNN", "1") != "0" and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and onednn_available())
+    """Whether convolutions traced now go to oneDNN when lowered for the CPU (module docstring)."""
+    return os.environ.get("DIFFUSION_JAX_ONEDNN", "1") != "0" and jax.device_count() == 1 and onednn_available()
+
+
+def _onednn_on_cpu(onednn, xla, *operands):
+    """``onednn(*operands)`` in a program lowered for the CPU, ``xla(*operands)`` for any other platform."""
+    return lax.platform_dependent(*operands, cpu=onednn, default=xla)
 
 
 # The largest input, in elements, whose weight gradient XLA computes on CPUs without AVX-512.
@@ -147,13 +153,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
              and (isinstance(padding, str) or (len(padding) == 2 and min(min(p) for p in padding) >= 0))
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if plain and uses_onednn():
-        if isinstance(padding, str):
-            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-        return _onednn_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count, precision=precision)
+    xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+                            lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                            precision=precision)
+    if not (plain and uses_onednn()):
+        return xla(lhs, rhs)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    strides, padding = tuple(window_strides), tuple(map(tuple, padding))
+    return _onednn_on_cpu(lambda x, w: _onednn_conv(x, w, strides, padding), xla, lhs, rhs)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -163,12 +172,13 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     first). On the U-Net's 1x1 layers oneDNN's forward and backward together are 1.25-1.6x
     faster than XLA's dot, and the CIFAR-10 train step 4-6% faster (benchmarks/README.md).
     """
-    if (lhs.ndim == 4 and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
+    xla = functools.partial(lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
+                            preferred_element_type=preferred_element_type)
+    if not (lhs.ndim == 4 and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
             and preferred_element_type is None and dimension_numbers == (((3,), (0,)), ((), ()))
             and uses_onednn()):
-        return _onednn_conv(lhs, rhs[None, None], (1, 1), ((0, 0), (0, 0)))
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type)
+        return xla(lhs, rhs)
+    return _onednn_on_cpu(lambda x, w: _onednn_conv(x, w[None, None], (1, 1), ((0, 0), (0, 0))), xla, lhs, rhs)
 
 
 def _phase_taps(kernel, axis: int):
