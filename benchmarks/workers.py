@@ -38,7 +38,8 @@ from unittest import mock
 import numpy as np
 
 # images per run of each workload (benchmarks/compare.py reads it too)
-IMAGES = {"forward64": 64, "forward64_compiled": 64, "train16": 16, "train32": 32, "ddim50": 64, "fid1000": 1000}
+IMAGES = {"forward64": 64, "forward64_compiled": 64, "train16": 16, "train32": 32, "ddim50": 64, "fid1000": 1000,
+          "forward128": 128, "train128": 128}  # the last two for benchmarks/accelerator.py
 WORKLOADS = (*IMAGES, "matmul")
 
 
@@ -71,7 +72,7 @@ def _peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def _use_compilation_cache(jax) -> None:
+def use_compilation_cache(jax) -> None:
     """Cache every compiled program in $JAX_COMPILATION_CACHE_DIR, or else in a directory of this process."""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         cache = tempfile.mkdtemp(prefix="benchmark-cache-")
@@ -122,7 +123,7 @@ def jax_workload(name):
             return (lambda: exe(a, a).block_until_ready()), None, seconds
 
         return flops, build
-    _use_compilation_cache(jax)
+    use_compilation_cache(jax)
     config = _cifar10_config()
     if name == "fid1000":  # random weights, as the peer's are: the work is the same
         params = inception.random_params()
@@ -136,7 +137,7 @@ def jax_workload(name):
 
         return flops * IMAGES[name] / extractor.batch_size, build  # counted for one batch
     trainer = train_lib.Trainer(config)
-    if name == "forward64":
+    if name.startswith("forward"):
         params = trainer.init(jax.random.PRNGKey(0)).params
         n = IMAGES[name]
         x, t = jnp.asarray(np.random.default_rng(0).normal(size=(n, 32, 32, 3)), jnp.float32), jnp.arange(n) * 15
@@ -187,10 +188,13 @@ def torch_workload(name):
     """The same work in PyTorch: diffusers' UNet2DModel (google/ddpm-cifar10-32's config) or pytorch-fid.
 
     As ``jax_workload``: (0 FLOPs, uncounted; ``build``); only torch.compile has a compile time.
+    The forward and the train step run on $BENCHMARK_TORCH_DEVICE (default "cpu"), the rest on the CPU.
     """
     import torch
 
     torch.set_num_threads(2)
+    device = os.environ.get("BENCHMARK_TORCH_DEVICE", "cpu")  # benchmarks/accelerator.py sets "cuda"
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if name == "matmul":
         a = torch.randn(2048, 2048)
         return 2 * 2048 ** 3, lambda: ((lambda: torch.matmul(a, a)), None, 0.0)
@@ -213,10 +217,10 @@ def torch_workload(name):
     from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
 
     torch.manual_seed(0)
-    model = UNet2DModel(**DIFFUSERS_CIFAR10, dropout=0.1)
-    if name in ("forward64", "forward64_compiled"):
+    model = UNet2DModel(**DIFFUSERS_CIFAR10, dropout=0.1).to(device)
+    if name.startswith("forward"):
         model.eval()
-        x, t = torch.randn(IMAGES[name], 3, 32, 32), torch.arange(IMAGES[name]) * 15
+        x, t = torch.randn(IMAGES[name], 3, 32, 32, device=device), torch.arange(IMAGES[name], device=device) * 15
 
         def build():
             forward, seconds = model, 0.0
@@ -231,6 +235,7 @@ def torch_workload(name):
             def run():
                 with torch.no_grad():
                     forward(x, t)
+                synchronize()
 
             return run, None, seconds
 
@@ -244,17 +249,18 @@ def torch_workload(name):
         scheduler = DDPMScheduler(num_train_timesteps=1000)
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
         ema = EMAModel(model.parameters(), decay=0.9999)
-        x0 = torch.from_numpy(_images(batch_size)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x0 = (torch.from_numpy(_images(batch_size)).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
 
         def step():
             noise = torch.randn_like(x0)
-            t = torch.randint(0, 1000, (batch_size,))
+            t = torch.randint(0, 1000, (batch_size,), device=device)
             loss = torch.nn.functional.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             ema.step(model.parameters())
+            synchronize()
 
         return 0.0, lambda: (step, None, 0.0)
     if name == "ddim50":

@@ -1,0 +1,46 @@
+"""The benchmark commands that no test of the library would run: they must not rot between the
+occasions (a GPU or TPU for an hour) they are meant for."""
+
+import json
+import subprocess
+import sys
+
+import scripts
+
+from benchmarks import accelerator
+
+
+def test_accelerator_benchmark_runs_its_tiny_configuration_on_the_cpu(tmp_path):
+    out = tmp_path / "accelerator.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--reps", "2", "--json", str(out)],
+                            cwd=scripts.ROOT, env=scripts.environment(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "cpu" and report["tiny"]
+    assert [w["workload"] for w in report["workloads"]] == list(accelerator.WORKLOADS)
+    for w in report["workloads"]:
+        assert "error" not in w, w
+        assert len(w["times"]) == 2 and w["images_per_s"] == w["images"] / w["median_s"] > 0, w
+        assert w["compile_s"] > 0 and w["peak_memory_bytes"] is None  # the CPU keeps no device memory count
+    for w in report["workloads"][:3]:  # the train steps
+        assert w["flops_per_device"] > 0 and w["mfu"] is None  # no peak is known for a CPU
+        assert w["projected_run_s"] == w["median_s"] * w["num_steps"]
+    assert "train_cifar10_float32" in result.stdout and "800,000 steps" in result.stdout
+
+
+def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch):
+    tried = []
+
+    def in_process(name, args, batch=None):
+        tried.append(batch)
+        if batch > 16:
+            return dict(workload=name, error="jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
+        return dict(workload=name, batch=batch)
+
+    monkeypatch.setattr(accelerator, "_in_process", in_process)
+    args = type("Args", (), dict(tiny=False))
+    assert accelerator.measure_256(args) == dict(workload="train_256", batch=16)
+    assert tried == [64, 32, 16]
+    monkeypatch.setattr(accelerator, "_in_process", lambda name, args, batch=None: dict(error="ValueError: bad"))
+    assert accelerator.measure_256(args) == dict(error="ValueError: bad")  # other errors are not retried
+
