@@ -44,3 +44,14 @@ def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch)
     monkeypatch.setattr(accelerator, "_in_process", lambda name, args, batch=None: dict(error="ValueError: bad"))
     assert accelerator.measure_256(args) == dict(error="ValueError: bad")  # other errors are not retried
 
+
+def test_the_train_step_runs_one_all_reduce_of_the_gradients():
+    """Data parallelism over 8 devices: one collective a step, carrying the gradients (and the loss)."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.collectives", "--config=tests/tiny_config.py", "--json"],
+                            cwd=scripts.ROOT, env=scripts.environment(8), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    analysis = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [c["kind"] for c in analysis["collectives"]] == ["all-reduce"], analysis["collectives"]
+    gradients = 4 * analysis["parameters"]
+    # the CPU's compiler all-reduces a strided convolution's weight gradient in 4 phases: 4% more here
+    assert gradients <= analysis["collectives"][0]["bytes"] <= 1.1 * gradients
