@@ -188,7 +188,8 @@ def _in_process(name: str, args, batch: int | None = None) -> dict:
                           env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=args.cache, TF_CPP_MIN_LOG_LEVEL="3"))
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
-        return dict(workload=name, error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
+        return dict(workload=name, error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1],
+                    out_of_memory="RESOURCE_EXHAUSTED" in done.stderr)
     return json.loads(lines[-1])
 
 
@@ -206,7 +207,7 @@ def measure_256(args) -> dict:
     batch = (TINY if args.tiny else FULL)["batch_256"]
     while True:
         result = _in_process("train_256", args, batch)
-        if "RESOURCE_EXHAUSTED" not in result.get("error", "") or batch == 1:
+        if not result.get("out_of_memory") or batch == 1:
             return result
         print(f"  the 256x256 train step does not fit at global batch {batch}; trying {batch // 2}", flush=True)
         batch //= 2

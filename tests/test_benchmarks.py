@@ -34,15 +34,16 @@ def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch)
     def in_process(name, args, batch=None):
         tried.append(batch)
         if batch > 16:
-            return dict(workload=name, error="jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory")
+            return dict(workload=name, error="jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: ...", out_of_memory=True)
         return dict(workload=name, batch=batch)
 
     monkeypatch.setattr(accelerator, "_in_process", in_process)
     args = type("Args", (), dict(tiny=False))
     assert accelerator.measure_256(args) == dict(workload="train_256", batch=16)
     assert tried == [64, 32, 16]
-    monkeypatch.setattr(accelerator, "_in_process", lambda name, args, batch=None: dict(error="ValueError: bad"))
-    assert accelerator.measure_256(args) == dict(error="ValueError: bad")  # other errors are not retried
+    failure = dict(error="ValueError: bad", out_of_memory=False)
+    monkeypatch.setattr(accelerator, "_in_process", lambda name, args, batch=None: failure)
+    assert accelerator.measure_256(args) == failure  # other errors are not retried
 
 
 def test_the_train_step_runs_one_all_reduce_of_the_gradients():
