@@ -90,14 +90,20 @@ def load(name: str, split: str, *, image_size: int, data_dir=None, process_index
     return _tfds_images(name, split, data_dir, image_size, process_index, process_count)
 
 
+def check_batch_size(num_examples: int, batch_size: int) -> None:
+    """A batch holds each of a process's examples at most once (``batch_indices``)."""
+    if batch_size > num_examples:
+        raise ValueError(f"a batch of {batch_size} images a process is more than the {num_examples} training "
+                         "examples this process holds: lower train.batch_size (the global batch of all processes)")
+
+
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0) -> np.ndarray:
     """Indices of the examples of this process's batch at ``step``.
 
     Step s reads positions [s B, (s + 1) B) of the endless sequence made of one seeded
     permutation per epoch.
     """
-    if batch_size > num_examples:
-        raise ValueError(f"per-process batch {batch_size} exceeds this process's {num_examples} examples")
+    check_batch_size(num_examples, batch_size)
     start = step * batch_size
     epoch, offset = divmod(start, num_examples)
     parts, need = [], batch_size
@@ -120,7 +126,11 @@ def make_batch(images: np.ndarray, step: int, *, batch_size: int, seed: int, ran
 
 
 class Prefetcher:
-    """Yields ``make_batch`` for steps start, start + 1, ... prepared ``depth`` ahead in a thread."""
+    """Yields ``make_batch`` for steps start, start + 1, ... prepared ``depth`` ahead in a thread.
+
+    An exception in the thread ends it and is raised by the ``next`` that would have received
+    its batch, so that the consumer never waits for a batch that cannot come.
+    """
 
     def __init__(self, images, start_step: int, *, depth: int = 2, **batch_kwargs):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -128,21 +138,29 @@ class Prefetcher:
 
         def work():
             step = start_step
-            while not self._stop.is_set():
-                batch = make_batch(images, step, **batch_kwargs)
+            try:
                 while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                step += 1
+                    self._put(make_batch(images, step, **batch_kwargs))
+                    step += 1
+            except Exception as e:  # noqa: BLE001  (handed over whole: __next__ raises it)
+                self._put(e)
 
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
 
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def __next__(self) -> np.ndarray:
-        return self._queue.get()
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     def close(self) -> None:
         self._stop.set()

@@ -294,6 +294,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     process, processes = jax.process_index(), jax.process_count()
     images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
                                  process_index=process, process_count=processes)
+    input_pipeline.check_batch_size(len(images), t.batch_size // processes)  # before anything is written
     heldout = None
     if config.eval.num_samples or config.eval.nll_images:
         heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)

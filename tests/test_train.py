@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -193,6 +194,34 @@ def test_input_order_after_resume_equals_the_uninterrupted_order():
     resumed.close()
     seen = np.concatenate([input_pipeline.batch_indices(1500, 64, s, seed=3) for s in range(24)])
     assert len(np.unique(seen[:1500])) == 1500  # each epoch is a permutation
+
+
+def test_an_error_in_the_input_thread_reaches_the_consumer():
+    images = np.zeros((10, 16, 16, 1), np.uint8)
+    prefetch = input_pipeline.Prefetcher(images, 0, batch_size=20, seed=0, randflip=False)  # 20 > 10 examples
+    raised = []
+
+    def consume():  # in a thread of its own, so that a consumer left waiting fails the test, not hangs it
+        try:
+            next(prefetch)
+        except ValueError as e:
+            raised.append(str(e))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    prefetch.close()
+    assert raised and raised[0].startswith("a batch of 20 images a process is more than the 10 training examples")
+
+
+def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_path):
+    """The 1,500 training digits cannot fill a batch of 2048: one line, status 2, no workdir."""
+    workdir = tmp_path / "run"
+    result = train(str(workdir), "train.batch_size=2048", expect=2)
+    assert result.stderr.strip().splitlines() == [
+        "error: a batch of 2048 images a process is more than the 1500 training examples this process holds: "
+        "lower train.batch_size (the global batch of all processes)"]
+    assert not workdir.exists()
 
 
 @pytest.mark.parametrize(
