@@ -21,12 +21,11 @@ The NLL is the full bound (all T terms and the prior) in bits/dim of --num_image
 rate-distortion data of DDPM section 4.3 (rate_distortion.npz, rate_distortion.png).
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats"], "what to evaluate")
@@ -62,11 +61,11 @@ MODE_FLAGS = {"samples": ("fid",), "dataset": ("fid", "reference_stats"), "split
 def check_flags():
     for name, modes in MODE_FLAGS.items():
         if FLAGS[name].present and FLAGS.mode not in modes:
-            raise ValueError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
+            raise ConfigError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
     required = {"fid": ["samples"], "nll": ["out"], "reference_stats": []}[FLAGS.mode]
     missing = [f"--{name}" for name in required if FLAGS[name].value is None]
     if missing:
-        raise ValueError(f"--mode={FLAGS.mode} needs {', '.join(missing)}")
+        raise ConfigError(f"--mode={FLAGS.mode} needs {', '.join(missing)}")
 
 
 def reference_data(image_size: int):
@@ -95,10 +94,10 @@ def reference_stats_mode():
     from diffusion_jax.evaluation import report
 
     if FLAGS.dataset not in input_pipeline.DATASETS:
-        raise ValueError(f"--dataset={FLAGS.dataset} is not one of {', '.join(input_pipeline.DATASETS)}")
+        raise ConfigError(f"--dataset={FLAGS.dataset} is not one of {', '.join(input_pipeline.DATASETS)}")
     size = FLAGS.image_size or {"cifar10": 32, "digits": 16}.get(FLAGS.dataset)
     if size is None:
-        raise ValueError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
+        raise ConfigError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
     evaluator = report.Evaluator(reference_data(size), reference_stats=FLAGS.reference_stats,
                                  inception_weights=FLAGS.inception_weights)
     storage.check_shared(storage.path(evaluator.reference_path).parent)
@@ -116,9 +115,10 @@ def nll_mode(jax):
 
     out = storage.path(FLAGS.out, what="--out")
     storage.check_reachable(out, what="--out")
+    storage.check_writable(out, what="--out")
     storage.check_shared(out)
     config, params, _ = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
-                                         which=FLAGS.params, config=FLAGS.config)
+                                         which=FLAGS.params, config=launch.config(FLAGS))
     config_lib.validate(config, jax.device_count(), jax.process_count())
     d = config.data
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
@@ -144,9 +144,7 @@ def main(argv):
     launch.start(FLAGS)
     import jax
 
-    from diffusion_jax import input_pipeline
-
-    try:
+    with launch.one_line_errors():
         check_flags()
         if FLAGS.mode == "fid":
             fid_mode()
@@ -154,10 +152,7 @@ def main(argv):
             reference_stats_mode()
         else:
             nll_mode(jax)
-    except (ValueError, FileNotFoundError, input_pipeline.DatasetNotPreparedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags)

@@ -24,12 +24,11 @@ process 0 assembles samples.npz after a barrier. OUT may be local or gs://; it m
 by all processes, which is checked before sampling.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax.errors import ConfigError
 
 MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
 FLAGS = flags.FLAGS
@@ -67,27 +66,27 @@ MODE_FLAGS = {"num_interp": ("interpolate", "interpolate_diffused"), "t": ("inte
 
 
 def check_mode_flags():
-    """ValueError for a flag that does not apply to the mode (before anything loads)."""
+    """ConfigError for a flag that does not apply to the mode (before anything loads)."""
     for name, modes in MODE_FLAGS.items():
         if FLAGS[name].present and FLAGS.mode not in modes:
-            raise ValueError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
+            raise ConfigError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
     if (FLAGS.reference_stats or FLAGS.inception_weights) and not FLAGS.fid:
-        raise ValueError("--reference_stats and --inception_weights apply with --fid")
+        raise ConfigError("--reference_stats and --inception_weights apply with --fid")
 
 
 def check_sampler_flags(config):
-    """ValueError for a sampler setting that does not apply to the mode."""
+    """ConfigError for a sampler setting that does not apply to the mode."""
     s = config.sample
     if FLAGS.mode in ("interpolate", "reconstruct") and (s.sampler != "ddim" or s.eta != 0):
-        raise ValueError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
-                         f"not sampler {s.sampler!r} with eta {s.eta}")
+        raise ConfigError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
+                          f"not sampler {s.sampler!r} with eta {s.eta}")
     if FLAGS.mode == "interpolate_diffused":
         for name in ("sampler", "steps", "spacing", "eta", "order"):
             if FLAGS[name].present:
-                raise ValueError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes with the "
-                                 "full DDPM chain from --t (DDPM section 4.4)")
+                raise ConfigError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes with the "
+                                  "full DDPM chain from --t (DDPM section 4.4)")
         if FLAGS.t is not None and FLAGS.t >= config.diffusion.num_timesteps:
-            raise ValueError(f"--t={FLAGS.t} must be below the {config.diffusion.num_timesteps} timesteps")
+            raise ConfigError(f"--t={FLAGS.t} must be below the {config.diffusion.num_timesteps} timesteps")
 
 
 def sampler_config(config):
@@ -113,8 +112,8 @@ def check_run_settings(out, settings: dict) -> None:
         differing = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)"
                      for k in settings if saved.get(k) != settings[k]]
         if differing:
-            raise ValueError(f"{out} holds samples made with other settings: {', '.join(differing)}; "
-                             "use a new --out to sample with these")
+            raise ConfigError(f"{out} holds samples made with other settings: {', '.join(differing)}; "
+                              "use a new --out to sample with these")
     elif jax.process_index() == 0:
         storage.write_json(path, settings)
 
@@ -126,13 +125,8 @@ def main(argv):
     launch.start(FLAGS)
     import jax
 
-    from diffusion_jax import input_pipeline
-
-    try:
+    with launch.one_line_errors():
         run(jax)
-    except (ValueError, FileNotFoundError, input_pipeline.DatasetNotPreparedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def samples(jax, loaded, out):
@@ -179,14 +173,15 @@ def run(jax):
 
     check_mode_flags()
     loaded = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
-                              which=FLAGS.params, config=FLAGS.config)
+                              which=FLAGS.params, config=launch.config(FLAGS))
     config = sampler_config(loaded.config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     check_sampler_flags(config)
     if FLAGS.batch_size % jax.device_count():
-        raise ValueError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
+        raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
     out = storage.path(FLAGS.out, what="--out")
     storage.check_reachable(out, what="--out")
+    storage.check_writable(out, what="--out")
     storage.check_shared(out)
     if FLAGS.mode == "samples":
         return samples(jax, loaded, out)
@@ -204,4 +199,4 @@ def run(jax):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags)

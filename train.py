@@ -5,8 +5,6 @@ Multi-process runs: --distributed on TPU pods and Slurm (JAX finds the cluster),
 (e.g. a GPU cluster or several local CPU processes).
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,17 +23,11 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries' INFO only on request
     launch.start(FLAGS)
-    from diffusion_jax import input_pipeline, train_lib
+    from diffusion_jax import train_lib
 
-    try:
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, input_pipeline.DatasetNotPreparedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except train_lib.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    with launch.one_line_errors():
+        train_lib.train_and_evaluate(launch.config(FLAGS), FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags)

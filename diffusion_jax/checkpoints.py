@@ -17,6 +17,7 @@ from etils import epath
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import convert, storage, train_lib
+from diffusion_jax.errors import CheckpointError, ConfigError
 
 PARAMS = ("ema", "raw")
 
@@ -32,22 +33,23 @@ def _kind(path: epath.Path) -> str:
         return "converted"
     if (path / "state").is_dir() and (path / "config").is_dir():
         return "training"
-    raise ValueError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and params/) or "
-                     "a training checkpoint WORKDIR/checkpoints/STEP (with state/ and config/)")
+    raise CheckpointError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and params/) or "
+                          "a training checkpoint WORKDIR/checkpoints/STEP (with state/ and config/)")
 
 
 def _training(workdir: epath.Path, step: int | None, which: str, config):
     directory = workdir / "checkpoints"
     if not directory.is_dir():
-        raise ValueError(f"{workdir} holds no checkpoints (no {directory}); train with train.py --workdir={workdir}")
+        raise CheckpointError(f"{workdir} holds no checkpoints (no {directory}); "
+                              f"train with train.py --workdir={workdir}")
     options = ocp.CheckpointManagerOptions(create=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
         steps = manager.all_steps()
         if not steps:
-            raise ValueError(f"{directory} holds no complete checkpoint")
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
         step = max(steps) if step is None else step
         if step not in steps:
-            raise ValueError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
+            raise CheckpointError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         if config is None:
             config = config_lib.base()
@@ -61,16 +63,16 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
 
 def _converted(path: epath.Path, which: str, config):
     if which != "ema":
-        raise ValueError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} does not "
-                         "apply (convert.py --raw chooses the raw TF weights when converting)")
+        raise ConfigError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} does not "
+                          "apply (convert.py --raw chooses the raw TF weights when converting)")
     params, unet, image_shape = convert.load(path)
     config = config_lib.base() if config is None else ml_collections.ConfigDict(config.to_dict())
     expected = config_lib.out_channels(config)
     channels = image_shape[2]
     if channels != config.data.channels or unet.out_ch != expected:
-        raise ValueError(f"{path} does not fit the config: the network takes {channels} channels and outputs "
-                         f"{unet.out_ch}, the config has data.channels={config.data.channels} and "
-                         f"diffusion.var_type={config.diffusion.var_type!r} (so {expected} outputs)")
+        raise ConfigError(f"{path} does not fit the config: the network takes {channels} channels and outputs "
+                          f"{unet.out_ch}, the config has data.channels={config.data.channels} and "
+                          f"diffusion.var_type={config.diffusion.var_type!r} (so {expected} outputs)")
     config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
                         attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv, dropout=0.0)
     config.data.image_size = image_shape[0]
@@ -85,17 +87,17 @@ def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int
     diffusion and sampling settings and must describe the checkpoint's network.
     """
     if (workdir is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --workdir (a training run) and --checkpoint (a checkpoint directory)")
+        raise ConfigError("give exactly one of --workdir (a training run) and --checkpoint (a checkpoint directory)")
     if which not in PARAMS:
-        raise ValueError(f"params must be one of {PARAMS}, got {which!r}")
+        raise ConfigError(f"params must be one of {PARAMS}, got {which!r}")
     if checkpoint is not None:
         checkpoint = storage.checkpoint_path(checkpoint, what="checkpoint")
         storage.check_reachable(checkpoint, what="checkpoint")
         if not checkpoint.is_dir():
-            raise ValueError(f"checkpoint {checkpoint} does not exist")
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
         if _kind(checkpoint) == "converted":
             if step is not None:
-                raise ValueError("--step applies to training workdirs, not to a converted checkpoint")
+                raise ConfigError("--step applies to training workdirs, not to a converted checkpoint")
             return _converted(checkpoint, which, config)
         workdir, step = checkpoint.parent.parent, int(checkpoint.name)
     else:

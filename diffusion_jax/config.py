@@ -12,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from diffusion_jax import input_pipeline, losses, samplers, schedule, timestep_sampler
-
+from diffusion_jax.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
 
@@ -54,18 +54,33 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def flatten(config, prefix: str = "") -> dict:
+    """``{"section.key": value}`` of a config or of its saved dict; tuples as lists, as JSON keeps them."""
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
 def out_channels(config) -> int:
     learned = config.diffusion.var_type in ("learned", "learned_range")
     return config.data.channels * (2 if learned else 1)
 
 
 def validate(config, num_devices: int, num_processes: int) -> None:
-    """Raise a ValueError naming the first bad value and what is allowed."""
+    """Raise a ConfigError naming the first bad value and what is allowed."""
 
     def need(ok, key, value, allowed):
         if not ok:
-            raise ValueError(f"config.{key} = {value!r} is not allowed: {allowed}")
+            raise ConfigError(f"config.{key} = {value!r} is not allowed: {allowed}")
 
+    for key in ("ch_mult", "attn_resolutions"):  # a command line can give them any text
+        value = config.model[key]
+        need(isinstance(value, (tuple, list)) and all(isinstance(k, int) for k in value), f"model.{key}", value,
+             "a tuple of integers, such as --config.model.ch_mult='(1, 2, 2, 2)'")
     d, m, diff, t, o, s = config.data, config.model, config.diffusion, config.train, config.optim, config.sample
     need(d.name in input_pipeline.DATASETS, "data.name", d.name, f"one of {', '.join(input_pipeline.DATASETS)}")
     levels = len(m.ch_mult)

@@ -31,7 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from diffusion_jax import storage
+from diffusion_jax import errors, storage
+from diffusion_jax.errors import CheckpointError, ConfigError
 from diffusion_jax.models.unet import PRESETS, UNet
 
 # diffusers layer names -> ours; the legacy attention names (query, key, value, proj_attn)
@@ -110,7 +111,7 @@ def unet_kwargs_from_diffusers_config(config: dict) -> dict:
         different["block_out_channels"] = (channels, "multiples of the first entry")
     if different:
         details = "; ".join(f"{k} = {got!r} (DDPM: {want!r})" for k, (got, want) in sorted(different.items()))
-        raise ValueError(f"this diffusers UNet2DModel is not the DDPM network: {details}")
+        raise CheckpointError(f"this diffusers UNet2DModel is not the DDPM network: {details}")
     size = config["sample_size"]
     return dict(
         ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=config["layers_per_block"],
@@ -132,12 +133,12 @@ def load_diffusers(directory: str):
     else:
         bin_file = directory / "diffusion_pytorch_model.bin"
         if not bin_file.exists():
-            raise FileNotFoundError(f"{directory} has neither diffusion_pytorch_model.safetensors nor .bin")
+            raise CheckpointError(f"{directory} has neither diffusion_pytorch_model.safetensors nor .bin")
         try:
             import torch
         except ImportError as e:
-            raise ImportError("reading a .bin checkpoint needs torch (pip install torch); "
-                              "a .safetensors file does not") from e
+            raise CheckpointError("reading a .bin checkpoint needs torch (pip install torch); "
+                                  "a .safetensors file does not") from e
         with bin_file.open("rb") as f:
             state = {k: v.numpy() for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
     levels = len(kwargs["ch_mult"])
@@ -149,7 +150,7 @@ def load_diffusers(directory: str):
         else:
             flat[path] = _to_flax(path, np.asarray(value, np.float32))
     if unknown:
-        raise ValueError(f"unknown names in {directory}: {', '.join(sorted(unknown)[:8])}")
+        raise CheckpointError(f"unknown names in {directory}: {', '.join(sorted(unknown)[:8])}")
     image_shape = (config["sample_size"], config["sample_size"], config["in_channels"])
     return flat, kwargs, image_shape
 
@@ -172,7 +173,11 @@ def load_tf_checkpoint(prefix: str, *, ema: bool = True):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    reader = tf.train.load_checkpoint(prefix)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"{prefix} is not a TF checkpoint prefix (PREFIX.index and PREFIX.data-*): "
+                              f"{str(e).splitlines()[0]}") from e
     suffix = "/ExponentialMovingAverage"
     flat = {}
     for name in reader.get_variable_to_shape_map():
@@ -183,7 +188,7 @@ def load_tf_checkpoint(prefix: str, *, ema: bool = True):
             flat[path] = np.asarray(reader.get_tensor(name), np.float32)
     if not flat:
         kind = "ExponentialMovingAverage copies" if ema else "raw model/ variables"
-        raise ValueError(f"{prefix} holds no {kind} of DDPM model variables")
+        raise CheckpointError(f"{prefix} holds no {kind} of DDPM model variables")
     return flat
 
 
@@ -202,7 +207,7 @@ def fit(flat: dict, model: UNet, image_shape) -> dict:
                 for label, items in (("missing from the checkpoint", missing), ("not in the network", extra),
                                      ("shape differs", shapes)) if items]
     if problems:
-        raise ValueError("the checkpoint does not fit the configured network; " + "; ".join(problems))
+        raise CheckpointError("the checkpoint does not fit the configured network; " + "; ".join(problems))
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
@@ -210,7 +215,7 @@ def save(directory: str, params, unet_kwargs: dict, image_shape) -> None:
     """One atomic Orbax checkpoint: ``params`` and ``model`` (UNet kwargs and image shape)."""
     directory = storage.checkpoint_path(directory, what="--out")
     if directory.exists():
-        raise FileExistsError(f"{directory} exists; choose a new --out directory")
+        raise ConfigError(f"{directory} exists; choose a new --out directory")
     model = dict(unet=dict(unet_kwargs), image_shape=list(image_shape))
     model["unet"]["ch_mult"] = list(model["unet"]["ch_mult"])
     model["unet"]["attn_resolutions"] = list(model["unet"]["attn_resolutions"])
@@ -250,8 +255,8 @@ def main(argv=None):
                 wanted = dict(PRESETS[args.preset], out_ch=kwargs["out_ch"])
                 differing = sorted(k for k in kwargs if k != "dropout" and kwargs[k] != wanted.get(k))
                 if differing:
-                    raise ValueError(f"{args.diffusers} is not the {args.preset} network: differs in "
-                                     + ", ".join(f"{k} ({kwargs[k]} vs {wanted[k]})" for k in differing))
+                    raise CheckpointError(f"{args.diffusers} is not the {args.preset} network: differs in "
+                                          + ", ".join(f"{k} ({kwargs[k]} vs {wanted[k]})" for k in differing))
         else:
             flat = load_tf_checkpoint(args.tf_checkpoint, ema=not args.raw)
             kwargs = dict(PRESETS[args.preset or "ddpm_cifar10"], out_ch=args.out_ch)
@@ -259,9 +264,9 @@ def main(argv=None):
         kwargs.pop("dropout", None)  # a training setting: sampling runs deterministic
         params = fit(flat, UNet(**kwargs), image_shape)
         save(args.out, params, kwargs, image_shape)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except errors.Error as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     print(f"wrote {args.out}: {sum(v.size for v in jax.tree_util.tree_leaves(params)):,} parameters")
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import image_io, input_pipeline, sample_lib, samplers, storage, train_lib
+from diffusion_jax.errors import DataError
 
 NUM_RECORDED = 10  # columns of the progressive figure
 
@@ -39,7 +40,7 @@ class Model:
         d = self.config.data
         images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
         if len(images) < num:
-            raise ValueError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than {num}")
+            raise DataError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than {num}")
         return images[:num].astype(np.float32) / 127.5 - 1.0
 
 

@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 
+from diffusion_jax.errors import ConfigError, DataError
+
 # name -> (tfds name, image feature); "digits" is the embedded offline default
 TFDS_DATASETS = {
     "cifar10": ("cifar10", "image"),
@@ -28,7 +30,7 @@ TFDS_DATASETS = {
 DATASETS = ("digits",) + tuple(TFDS_DATASETS)
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(DataError):
     """A tfds dataset that is not on disk: what is missing and how to prepare it."""
 
 
@@ -43,7 +45,7 @@ def digits(split: str) -> np.ndarray:
     images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
     images = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]
     if split not in ("train", "test"):
-        raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
+        raise ConfigError(f"digits has splits 'train' and 'test', got {split!r}")
     return images[:1500] if split == "train" else images[1500:]
 
 
@@ -83,18 +85,18 @@ def load(name: str, split: str, *, image_size: int, data_dir=None, process_index
     if name == "digits":
         images = digits(split)
         if images.shape[1] != image_size:
-            raise ValueError(f"digits images are 16x16, got image_size {image_size}")
+            raise ConfigError(f"digits images are 16x16, got image_size {image_size}")
         return np.array_split(images, process_count)[process_index]
     if name not in TFDS_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     return _tfds_images(name, split, data_dir, image_size, process_index, process_count)
 
 
 def check_batch_size(num_examples: int, batch_size: int) -> None:
     """A batch holds each of a process's examples at most once (``batch_indices``)."""
     if batch_size > num_examples:
-        raise ValueError(f"a batch of {batch_size} images a process is more than the {num_examples} training "
-                         "examples this process holds: lower train.batch_size (the global batch of all processes)")
+        raise ConfigError(f"a batch of {batch_size} images a process is more than the {num_examples} training "
+                          "examples this process holds: lower train.batch_size (the global batch of all processes)")
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0) -> np.ndarray:

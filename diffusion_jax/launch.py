@@ -9,11 +9,18 @@ backend is the CPU while the host shows signs of an accelerator (``/dev/accel*``
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import glob
+import importlib.util
 import os
 import sys
 
+import ml_collections
 from absl import flags
+
+from diffusion_jax import errors
+from diffusion_jax.errors import ConfigError
 
 DEVICE_FILES = ("/dev/accel*", "/dev/nvidia*")
 # what Cloud TPU VMs and their runtimes set (not TPU_SKIP_MDS_QUERY, which JAX itself sets on any host)
@@ -73,3 +80,67 @@ def start(flag_values) -> None:
     warning = cpu_warning(jax.default_backend(), accelerator_signs())
     if warning:
         print(warning, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The project's errors (``errors.Error``) as ``error: <message>`` on stderr and their kind's exit
+    status; any other exception, a bug, keeps its traceback."""
+    try:
+        yield
+    except errors.Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+
+
+def _config_file(spec: str):
+    """The config of ``--config=PATH[:ARG]``, loaded as ml_collections' config flags load it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config={spec}: no such file {path} (a config file such as configs/cifar10.py)")
+    module_spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*([arg] if arg else []))
+
+
+def _bad_override(argv) -> ConfigError | None:
+    """For ``--config.KEY=VALUE`` of a KEY the config lacks: the error naming it and the nearest keys."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return None
+    from diffusion_jax import config as config_lib  # here: flags are parsed without loading JAX
+
+    known = list(config_lib.flatten(_config_file(spec)))
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(near)}?" if near else \
+                f"its top-level keys are {', '.join(sorted({k.split('.')[0] for k in known}))}"
+            return ConfigError(f"--config.{key}: the config has no key {key}; {hint}")
+    return None
+
+
+def parse_flags(argv):
+    """absl's flag parsing for ``app.run(main, flags_parser=parse_flags)``, with a bad flag, config file
+    or config override as one line and status 2: an unknown key names the nearest valid ones."""
+    with one_line_errors():
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            raise ConfigError(str(e)) from e
+        except (AttributeError, KeyError, OSError) as e:  # ml_collections, on a key or file it cannot find
+            raise _bad_override(argv) or ConfigError(str(e)) from e
+
+
+def config(flag_values, name: str = "config"):
+    """The config of ``--config`` (None if not given); a file that cannot be loaded is a ConfigError."""
+    value = flag_values[name].value
+    try:
+        if value is not None and not isinstance(value, ml_collections.ConfigDict):
+            value.keys()  # ml_collections stands in an object that raises its load error when first used
+    except OSError as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise ConfigError(f"--{name}={flag_values[name].config_filename}: cannot load it: {reason}") from e
+    return value

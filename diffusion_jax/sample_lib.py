@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import image_io, samplers, schedule, storage
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
 
@@ -91,7 +92,7 @@ class Generator:
         """This process's share of batch ``index`` (``num`` a multiple of the devices): the rows it
         holds and their uint8 NHWC images, computed on its own devices only."""
         if num % self.mesh.size:
-            raise ValueError(f"a batch of {num} images does not divide over the {self.mesh.size} devices")
+            raise ConfigError(f"a batch of {num} images does not divide over the {self.mesh.size} devices")
         images = self.compiled(num)(params, rng, np.int32(index))
         shards = sorted(images.addressable_shards, key=lambda shard: shard.index[0].start)
         rows = np.concatenate([np.arange(num)[shard.index[0]] for shard in shards])

@@ -16,11 +16,14 @@ import io
 import json
 import os
 import secrets
+import zipfile
 
 import jax
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+
+from diffusion_jax.errors import DataError, StorageError
 
 URL_SCHEMES = ("gs", "s3", "az", "hf")  # the URLs epath opens
 CHECKPOINT_SCHEMES = ("gs",)  # the URLs Orbax's TensorStore writes arrays to (besides local paths)
@@ -29,15 +32,15 @@ CHECKPOINT_SCHEMES = ("gs",)  # the URLs Orbax's TensorStore writes arrays to (b
 def path(value, *, what: str = "path") -> epath.Path:
     """``value`` (a str or path) as an ``epath.Path``: a URL as it is, a local path made absolute.
 
-    A URL whose scheme epath cannot open is a ValueError naming ``what`` it was.
+    A URL whose scheme epath cannot open is a StorageError naming ``what`` it was.
     """
     text = os.fspath(value)
     scheme, separator, _ = text.partition("://")
     if not separator:
         return epath.Path(text).expanduser().resolve()
     if scheme not in URL_SCHEMES:
-        raise ValueError(f"{what} {text}: {scheme}:// is not a filesystem this program can open; use a local "
-                         f"path or one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+        raise StorageError(f"{what} {text}: {scheme}:// is not a filesystem this program can open; use a local "
+                           f"path or one of {', '.join(s + '://' for s in URL_SCHEMES)}")
     return epath.Path(text)
 
 
@@ -46,21 +49,35 @@ def checkpoint_path(value, *, what: str = "workdir") -> epath.Path:
     result = path(value, what=what)
     scheme = os.fspath(result).partition("://")[0]
     if "://" in os.fspath(result) and scheme not in CHECKPOINT_SCHEMES:
-        raise ValueError(f"{what} {result}: Orbax checkpoints are written to local paths and gs:// only, not "
-                         f"{scheme}://; use a bucket on gs:// or a filesystem mounted on every host")
+        raise StorageError(f"{what} {result}: Orbax checkpoints are written to local paths and gs:// only, not "
+                           f"{scheme}://; use a bucket on gs:// or a filesystem mounted on every host")
     return result
 
 
 def check_reachable(directory: epath.Path, *, what: str = "path") -> None:
     """Ask ``directory``'s filesystem once whether it exists, so that a missing client library
     (gcsfs, TensorFlow's gfile), missing credentials or a file in its place fail here, before
-    anything is written, as a ValueError naming the path and the cause."""
+    anything is written, as a StorageError naming the path and the cause."""
     try:
         is_file = directory.exists() and not directory.is_dir()
     except Exception as e:  # each filesystem raises its own kinds; the message names the cause
-        raise ValueError(f"cannot open {what} {directory}: {type(e).__name__}: {e}") from e
+        raise StorageError(f"cannot open {what} {directory}: {type(e).__name__}: {e}") from e
     if is_file:
-        raise ValueError(f"{what} {directory} is a file, not a directory")
+        raise StorageError(f"{what} {directory} is a file, not a directory")
+
+
+def check_writable(directory: epath.Path, *, what: str = "path") -> None:
+    """Make ``directory`` (local paths; object stores have no directories) and write and remove a file
+    there, so that a read-only or full filesystem or missing permissions fail here, before anything
+    else is written, as a StorageError naming the directory and the cause."""
+    probe = directory / f".write-check-{secrets.token_hex(8)}"
+    try:
+        if "://" not in os.fspath(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # each filesystem raises its own kinds; the message names the cause
+        raise StorageError(f"cannot write to {what} {directory}: {type(e).__name__}: {e}") from e
 
 
 def write_bytes(destination: epath.Path, data: bytes) -> None:
@@ -83,8 +100,16 @@ def save_npz(destination: epath.Path, *args, **arrays) -> None:
 
 def load_npz(source: epath.Path) -> dict[str, np.ndarray]:
     """Every array of the .npz ``source``, read at once (no pickled objects)."""
-    with np.load(io.BytesIO(source.read_bytes()), allow_pickle=False) as f:
-        return {name: f[name] for name in f.files}
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(f"{source}: no such file") from e
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{source} is not an .npz file of arrays (as numpy.savez writes): "
+                        f"{type(e).__name__}: {e}") from e
 
 
 def write_json(destination: epath.Path, value) -> None:
@@ -92,11 +117,14 @@ def write_json(destination: epath.Path, value) -> None:
 
 
 def read_json(source: epath.Path):
-    return json.loads(source.read_text())
+    try:
+        return json.loads(source.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{source} is not a JSON file: {e}") from e
 
 
 def check_shared(directory: epath.Path) -> None:
-    """In a multi-process run, a ValueError on every process unless all of them see ``directory``
+    """In a multi-process run, a StorageError on every process unless all of them see ``directory``
     as process 0 does: process 0 writes a marker there, every process looks for it, and the
     answers are gathered so that all stop together rather than some waiting for the others."""
     if jax.process_count() == 1:
@@ -115,6 +143,6 @@ def check_shared(directory: epath.Path) -> None:
         marker.unlink()
     if not everyone.all():
         blind = ", ".join(str(i) for i in np.flatnonzero(~everyone))
-        raise ValueError(f"{directory} is not shared between the processes: process(es) {blind} cannot see a file "
-                         "that process 0 wrote there; give a directory every host reads and writes (gs://bucket/... "
-                         "or a shared filesystem)")
+        raise StorageError(f"{directory} is not shared between the processes: process(es) {blind} cannot see a file "
+                           "that process 0 wrote there; give a directory every host reads and writes (gs://bucket/... "
+                                  "or a shared filesystem)")

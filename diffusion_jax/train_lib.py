@@ -38,16 +38,13 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, storage, timestep_sampler
+from diffusion_jax.errors import ConfigError, NonFiniteError
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
 # the keys of a config that fix the shapes of the parameters
 NETWORK_KEYS = ("model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
                 "model.resamp_with_conv", "data.channels", "diffusion.var_type")
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or a gradient became NaN or infinite."""
 
 
 class TrainState(NamedTuple):
@@ -169,26 +166,17 @@ class Trainer:
         return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
 
 
-def _flat(config) -> dict:
-    out = {}
-    for key in NETWORK_KEYS:
-        section, name = key.split(".")
-        value = config[section][name]
-        out[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return out
-
-
 def check_resume_compatible(config, saved_config: dict) -> None:
     """Refuse to resume a checkpoint whose network differs from the config's."""
-    ours, theirs = _flat(config), _flat(saved_config)
+    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
     differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS if ours[k] != theirs[k]]
     if differing:
-        raise ValueError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
-                         + "; use a new --workdir or the checkpoint's settings")
+        raise ConfigError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
+                          + "; use a new --workdir or the checkpoint's settings")
     theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # runs older than the key were uniform
     if config.diffusion.timestep_sampler != theirs:
-        raise ValueError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
-                         f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
+        raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
+                          f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
@@ -306,6 +294,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
         periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    storage.check_writable(workdir, what="workdir")
     storage.check_shared(workdir)
     manager = checkpoint_manager(workdir, config, create=True)
     state = trainer.init(init_rng)

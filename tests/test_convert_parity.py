@@ -11,7 +11,7 @@ import tensorflow as tf
 import torch
 from diffusers import UNet2DModel
 
-from diffusion_jax import convert
+from diffusion_jax import convert, errors
 from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
 from diffusion_jax.models.unet import UNet
 
@@ -141,7 +141,7 @@ def test_tf_checkpoint_agrees_with_the_diffusers_path(tmp_path):
     model = UNet(**kwargs)
     assert compare_outputs(torch_model, convert.fit(raw, model, image_shape), model, 16) <= 1e-4
     out = tmp_path / "from_tf"
-    assert convert.main(["--tf-checkpoint", prefix, "--out", str(out), "--preset", "ddpm_cifar10"]) == 2
+    assert convert.main(["--tf-checkpoint", prefix, "--out", str(out), "--preset", "ddpm_cifar10"]) == 5
     assert not out.exists()  # a small network does not fit the CIFAR-10 preset: nothing written
 
 
@@ -154,14 +154,14 @@ def test_mismatching_checkpoints_are_refused_and_nothing_is_written(tmp_path, ca
     with pytest.raises(ValueError, match=r"shape differs: conv_out/bias \(6,\) \(network: \(3,\)\)"):
         convert.fit(flat, UNet(**dict(kwargs, out_ch=3)), image_shape)
     assert convert.main(["--diffusers", str(tmp_path / "hub"), "--out", str(tmp_path / "x"),
-                         "--preset", "ddpm_cifar10"]) == 2
+                         "--preset", "ddpm_cifar10"]) == 5
     assert "is not the ddpm_cifar10 network: differs in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     (tmp_path / "hub" / "config.json").write_text(json.dumps(dict(config, freq_shift=0, act_fn="gelu")))
     with pytest.raises(ValueError, match=r"not the DDPM network: act_fn = 'gelu' \(DDPM: 'silu'\); freq_shift = 0"):
         convert.load_diffusers(str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="neither diffusion_pytorch_model.safetensors nor .bin"):
+    with pytest.raises(errors.CheckpointError, match="neither diffusion_pytorch_model.safetensors nor .bin"):
         os.remove(tmp_path / "hub" / "diffusion_pytorch_model.safetensors")
         (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
         convert.load_diffusers(str(tmp_path / "hub"))

@@ -11,9 +11,9 @@ import subprocess
 
 import numpy as np
 import pytest
+import scripts
 from flax import traverse_util
 
-import scripts
 from diffusion_jax.evaluation import inception
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
@@ -64,6 +64,6 @@ def test_an_output_directory_the_processes_do_not_share_is_an_error(workdir, tmp
                for i in range(2)]
     results = [p.communicate(timeout=300) for p in running]
     for p, (_, err) in zip(running, results):
-        assert p.returncode == 2, err[-2000:]
+        assert p.returncode == 4, err[-2000:]
         assert "is not shared between the processes" in err
     assert not (tmp_path / "0" / "samples.npz").exists()

@@ -5,9 +5,9 @@ import os
 
 import numpy as np
 import pytest
+import scripts
 from flax import traverse_util
 
-import scripts
 from diffusion_jax.evaluation import inception
 
 
@@ -69,12 +69,12 @@ def test_training_evaluates_fid_and_nll_periodically(fid_files, tmp_path):
     assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["tensors"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode=fid"], "--mode=fid needs --samples"),
-    (["--mode=nll", "--samples=x.npz", "--out=o"], "--samples applies to --mode=fid"),
-    (["--mode=fid", "--samples=/nonexistent.npz"], "no sample file"),
-    (["--mode=reference_stats", "--dataset=lsun_cat"], "needs --image_size"),
+@pytest.mark.parametrize("args, message, status", [
+    (["--mode=fid"], "--mode=fid needs --samples", 2),
+    (["--mode=nll", "--samples=x.npz", "--out=o"], "--samples applies to --mode=fid", 2),
+    (["--mode=fid", "--samples=/nonexistent.npz"], "no sample file", 6),
+    (["--mode=reference_stats", "--dataset=lsun_cat"], "needs --image_size", 2),
 ])
-def test_bad_evaluate_input_is_a_clear_error(args, message):
-    result = scripts.run("evaluate.py", *args, expect=2)
+def test_bad_evaluate_input_is_a_clear_error(args, message, status):
+    result = scripts.run("evaluate.py", *args, expect=status)
     assert message in result.stderr

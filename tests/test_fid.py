@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-
 import scripts
-from diffusion_jax import input_pipeline
+
+from diffusion_jax import errors, input_pipeline
 from diffusion_jax.evaluation import fid, inception
 
 
@@ -81,7 +81,7 @@ def test_statistics_round_trip_and_bad_files(tmp_path):
 
 def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch):
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match="releases/download/fid_weights/pt_inception-2015-12-05"):
+    with pytest.raises(errors.DataError, match="releases/download/fid_weights/pt_inception-2015-12-05"):
         inception.weights_path(str(tmp_path / "nowhere.pth"))
 
 
@@ -100,5 +100,5 @@ def test_sample_files_must_be_uint8_nhwc(tmp_path, array, problem):
     np.savez(tmp_path / "s.npz", array)
     with pytest.raises(ValueError, match="must be uint8 images"):
         fid.load_samples(str(tmp_path / "s.npz"))
-    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={tmp_path / 's.npz'}", expect=2)
+    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={tmp_path / 's.npz'}", expect=6)
     assert problem in result.stderr and "must be uint8 images" in result.stderr

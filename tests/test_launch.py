@@ -1,6 +1,7 @@
 """The entry points' startup line and the warning for a CPU backend on a host with an accelerator."""
 
 import scripts
+
 from diffusion_jax import launch
 
 
@@ -17,7 +18,7 @@ def test_a_cpu_backend_on_a_host_with_an_accelerator_is_warned_of():
 
 def test_each_entry_point_prints_the_startup_line_before_its_work(tmp_path):
     missing = tmp_path / "none.npz"
-    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={missing}", devices=2, expect=2)
+    result = scripts.run("evaluate.py", "--mode=fid", f"--samples={missing}", devices=2, expect=6)
     first = result.stdout.splitlines()[0]
     assert first.startswith("JAX ") and "backend cpu, 2 device(s) (cpu)" in first
     assert "process 0 of 1" in first

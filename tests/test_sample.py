@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 import scripts
 
 
@@ -66,18 +65,18 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     assert len(np.unique(resumed.reshape(1000, -1), axis=0)) == 1000
 
 
-@pytest.mark.parametrize("args, message", [
-    ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network"),
-    (["--sampler=ddpm", "--eta=0.5"], "sample.eta"),
-    (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler"),
-    (["--sampler=dpm_solver++", "--order=4"], "sample.order"),
-    (["--t=10"], "--t applies to --mode=interpolate_diffused"),
-    (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM"),
-    (["--fid", "--inception_weights=/nonexistent/pt_inception.pth"], "pt_inception-2015-12-05"),
-    (["--step=7"], "no checkpoint of step 7"),
+@pytest.mark.parametrize("args, message, status", [
+    ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network", 2),
+    (["--sampler=ddpm", "--eta=0.5"], "sample.eta", 2),
+    (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler", 2),
+    (["--sampler=dpm_solver++", "--order=4"], "sample.order", 2),
+    (["--t=10"], "--t applies to --mode=interpolate_diffused", 2),
+    (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM", 2),
+    (["--fid", "--inception_weights=/nonexistent/pt_inception.pth"], "pt_inception-2015-12-05", 6),
+    (["--step=7"], "no checkpoint of step 7", 5),
 ])
-def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message):
-    result = sample(quickstart_workdir, tmp_path, *args, expect=2)
+def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message, status):
+    result = sample(quickstart_workdir, tmp_path, *args, expect=status)
     assert message in result.stderr, result.stderr[-2000:]
 
 

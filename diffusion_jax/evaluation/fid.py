@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import storage
+from diffusion_jax.errors import DataError
 
 
 class Statistics(NamedTuple):
@@ -87,19 +88,19 @@ def save_statistics(path, stats: Statistics) -> None:
 def load_statistics(path) -> Statistics:
     arrays = storage.load_npz(storage.path(path))
     if not {"mu", "sigma"} <= arrays.keys():
-        raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {list(arrays)}")
+        raise DataError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {list(arrays)}")
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
+        raise DataError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
     return Statistics(mu, sigma)
 
 
 def check_samples(images, name: str) -> np.ndarray:
-    """``images`` if they are uint8 NHWC with C in (1, 3) and N >= 2; else a ValueError naming what is wrong."""
+    """``images`` if they are uint8 NHWC with C in (1, 3) and N >= 2; else a DataError naming what is wrong."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
-        raise ValueError(f"{name} must be uint8 images [N >= 2, H, W, C in (1, 3)], got {images.dtype} of shape "
-                         f"{images.shape}; sample.py writes them so (arr_0 of samples.npz)")
+        raise DataError(f"{name} must be uint8 images [N >= 2, H, W, C in (1, 3)], got {images.dtype} of shape "
+                        f"{images.shape}; sample.py writes them so (arr_0 of samples.npz)")
     return images
 
 
@@ -107,10 +108,10 @@ def load_samples(path) -> np.ndarray:
     """``arr_0`` of an .npz of samples (any filesystem of ``storage``), checked."""
     source = storage.path(path, what="sample file")
     if not source.exists() or source.is_dir():
-        raise FileNotFoundError(f"no sample file {source}")
+        raise DataError(f"no sample file {source}")
     arrays = storage.load_npz(source)
     if "arr_0" not in arrays:
-        raise ValueError(f"{path} has no arr_0 (it has {list(arrays)}); samples are saved as np.savez(path, images)")
+        raise DataError(f"{path} has no arr_0 (it has {list(arrays)}); samples are saved as np.savez(path, images)")
     return check_samples(arrays["arr_0"], f"{path}'s arr_0")
 
 

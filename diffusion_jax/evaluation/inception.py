@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 
 import flax.linen as nn
@@ -31,7 +32,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import storage
+from diffusion_jax import errors, storage
+from diffusion_jax.errors import DataError
 from diffusion_jax.models import conv
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -182,7 +184,7 @@ def weights_path(path: str | None = None) -> str:
     """The weights file: ``path``, else $DIFFUSION_JAX_INCEPTION_WEIGHTS, else the .npz or .pth in the cache.
 
     The cache is ~/.cache/diffusion_jax/ (local to each host); ``path`` may be on any filesystem
-    of ``storage`` (gs://...). A missing file is a FileNotFoundError that says where to get it.
+    of ``storage`` (gs://...). A missing file is a DataError that says where to get it.
     """
     if path is None:
         path = os.environ.get(WEIGHTS_ENV)
@@ -192,7 +194,7 @@ def weights_path(path: str | None = None) -> str:
     weights = storage.path(path, what="Inception weights")
     path = str(weights)
     if not weights.exists() or weights.is_dir():
-        raise FileNotFoundError(
+        raise DataError(
             f"the Inception weights for FID and IS are not at {path}. They are pytorch-fid's release ({WEIGHTS_FILE}); "
             f"download them once with\n  mkdir -p {DEFAULT_DIR} && "
             f"curl -L -o {os.path.join(DEFAULT_DIR, WEIGHTS_FILE)} {WEIGHTS_URL}\n"
@@ -204,9 +206,9 @@ def _read_pth(path: str) -> dict:
     try:
         import torch
     except ImportError as e:
-        raise ValueError(f"reading {path} (a PyTorch file) needs torch: pip install torch (a CPU build is enough), "
-                         "or convert it once where torch is installed: python -m diffusion_jax.evaluation.inception "
-                         f"--convert {path} --out WEIGHTS.npz") from e
+        raise DataError(f"reading {path} (a PyTorch file) needs torch: pip install torch (a CPU build is enough), "
+                        "or convert it once where torch is installed: python -m diffusion_jax.evaluation.inception "
+                        f"--convert {path} --out WEIGHTS.npz") from e
     with storage.path(path).open("rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in state.items()}
@@ -253,7 +255,7 @@ def _check(flat: dict, path: str) -> dict:
     problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
                 for label, items in (("missing", missing), ("unexpected", extra), ("shape differs", shapes)) if items]
     if problems:
-        raise ValueError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): " + "; ".join(problems))
+        raise DataError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): " + "; ".join(problems))
     return flat
 
 
@@ -264,13 +266,17 @@ def load_params(path: str) -> dict:
     else:
         try:
             state = _read_pth(path)
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path} could not be read as a PyTorch state dict: {e}") from e
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: no such file ({WEIGHTS_FILE} from pytorch-fid's release)") from e
+        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:  # torch.load's kinds
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"{path} could not be read as a PyTorch state dict ({WEIGHTS_FILE} from "
+                            f"pytorch-fid's release): {type(e).__name__}: {first_line}") from e
         missing_bn = [k for k in state
                       if k.endswith(".conv.weight") and k.replace(".conv.weight", ".bn.weight") not in state]
         if "fc.weight" not in state or missing_bn:
-            raise ValueError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): "
-                             f"{'fc.weight' if 'fc.weight' not in state else missing_bn[0]} is missing")
+            raise DataError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): "
+                            f"{'fc.weight' if 'fc.weight' not in state else missing_bn[0]} is missing")
         flat = fold(state)
     return _unflatten(_check(flat, path))
 
@@ -329,9 +335,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         params = load_params(args.convert)
-    except (ValueError, FileNotFoundError) as e:
+    except errors.Error as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     storage.save_npz(storage.path(args.out), **flat)
     print(f"wrote {args.out}: {sum(v.size for v in flat.values()):,} parameters")

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import losses, storage, train_lib
+from diffusion_jax.errors import ConfigError, DataError
 
 
 class Likelihood(NamedTuple):
@@ -49,7 +50,7 @@ class Evaluator:
     def __init__(self, config, batch_size: int):
         num_devices = jax.device_count()
         if batch_size < 1 or batch_size % num_devices:
-            raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} devices")
+            raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} devices")
         model, sched, d = train_lib.make_model(config), train_lib.make_schedule(config), config.diffusion
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.batch_size, self.data, replicated = batch_size, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -70,7 +71,7 @@ class Evaluator:
         is called after each batch.
         """
         if len(images) < 1:
-            raise ValueError("no images to evaluate")
+            raise DataError("no images to evaluate")
         results = []
         for i, start in enumerate(range(0, len(images), self.batch_size)):
             batch = images[start:start + self.batch_size]

@@ -1,0 +1,114 @@
+"""Bad input is one line, ``error: <what is wrong and the fix>``, with its kind's exit status
+(``diffusion_jax.errors``); a bug keeps its traceback."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import scripts
+
+from diffusion_jax import convert, errors, launch, storage
+from diffusion_jax.evaluation import inception
+
+TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
+
+
+def one_line_error(result, status: int) -> str:
+    """The single line of stderr of a run that stopped with ``status``."""
+    assert result.returncode == status, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def train(workdir, *args):
+    return subprocess.run(scripts.command("train.py", f"--workdir={workdir}", *args), env=scripts.environment(1),
+                          capture_output=True, text=True, timeout=300, cwd=scripts.ROOT)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([f"--config={TINY}", "--config.unknown_key=1"],
+     "error: --config.unknown_key: the config has no key unknown_key; its top-level keys are data, diffusion, eval, "
+     "model, optim, sample, seed, train"),
+    ([f"--config={TINY}", "--config.trian.num_steps=3"],
+     "error: --config.trian.num_steps: the config has no key trian.num_steps; did you mean train.num_steps"),
+    ([f"--config={TINY}", "--config.model.ch_mult=abc"],
+     "error: config.model.ch_mult = ('abc',) is not allowed: a tuple of integers, such as "
+     "--config.model.ch_mult='(1, 2, 2, 2)'"),
+    ([f"--config={TINY}", "--config.train.num_steps=ten"],
+     "error: flag --config.train.num_steps=ten: invalid literal for int() with base 10: 'ten'"),
+    (["--config=configs/cifar100.py"], "error: --config=configs/cifar100.py: cannot load it: [Errno 2] No such file"),
+])
+def test_bad_config_flags_are_one_line_with_status_2(tmp_path, args, message):
+    line = one_line_error(train(tmp_path / "run", *args), 2)
+    assert line.startswith(message), line
+    assert not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(directory, options):
+    """A tmpfs at ``directory`` (root only; where mounting is not allowed the test is skipped, saying so)."""
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}), which this test needs")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_read_only_workdir_is_a_storage_error_before_anything_runs(tmp_path):
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
+        line = one_line_error(train(read_only / "run", f"--config={TINY}"), 4)
+    assert line.startswith(f"error: cannot write to workdir {read_only / 'run'}: OSError: [Errno 30] Read-only "
+                           "file system"), line
+
+
+def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
+    empty, text = tmp_path / "empty.npz", tmp_path / "text.npz"
+    empty.write_bytes(b"")
+    text.write_text("not arrays\n")
+    for path in (empty, text):
+        with pytest.raises(errors.DataError, match=f"{path} is not an .npz file of arrays"):
+            storage.load_npz(storage.path(str(path)))
+    with pytest.raises(errors.DataError, match="no such file"):
+        storage.load_npz(storage.path(str(tmp_path / "none.npz")))
+    (tmp_path / "sampling.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(errors.DataError, match=f"{tmp_path / 'sampling.json'} is not a JSON file"):
+        storage.read_json(storage.path(str(tmp_path / "sampling.json")))
+    (tmp_path / "weights.pth").write_bytes(os.urandom(1000))
+    with pytest.raises(errors.DataError, match=r"weights.pth could not be read as a PyTorch state dict \(pt_inception"):
+        inception.load_params(str(tmp_path / "weights.pth"))
+    with pytest.raises(errors.CheckpointError, match="model.ckpt-790000 is not a TF checkpoint prefix"):
+        convert.load_tf_checkpoint(str(tmp_path / "model.ckpt-790000"))
+
+
+def test_a_data_error_in_an_entry_point_is_one_line_with_status_6(tmp_path):
+    (tmp_path / "samples.npz").write_text("not arrays\n")
+    result = subprocess.run(scripts.command("evaluate.py", "--mode=fid", f"--samples={tmp_path / 'samples.npz'}"),
+                            env=scripts.environment(1), capture_output=True, text=True, timeout=300)
+    assert one_line_error(result, 6).startswith(f"error: {tmp_path / 'samples.npz'} is not an .npz file of arrays")
+
+
+def test_a_converter_error_is_one_line_with_its_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert", f"--tf-checkpoint={tmp_path / 'none'}",
+                             f"--out={tmp_path / 'out'}"],
+                            env=scripts.environment(1), capture_output=True, text=True, timeout=300)
+    assert one_line_error(result, 5).startswith(f"error: {tmp_path / 'none'} is not a TF checkpoint prefix")
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_the_projects_errors_are_shortened():
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(open(os.devnull, "w")):
+        with launch.one_line_errors():
+            raise errors.StorageError("disk full")
+    assert stopped.value.code == 4
+    with pytest.raises(KeyError), launch.one_line_errors():  # a bug: its traceback is kept
+        json.loads("{}")["step"]
+    kinds = (errors.ConfigError, errors.NonFiniteError, errors.StorageError, errors.CheckpointError, errors.DataError)
+    assert [kind.exit_status for kind in kinds] == [2, 3, 4, 5, 6]
