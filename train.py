@@ -14,6 +14,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples (local, or gs:// shared by every "
                     "host); resumed if it holds a run")
+flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock left by a run that is gone (a crash, a "
+                  "lost host); a live run's lock is never taken")
+flags.DEFINE_bool("allow_config_change", False, "resume a checkpoint trained with other settings (the run lists "
+                  "them); the network must stay the same")
 launch.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,7 +30,8 @@ def main(argv):
     from diffusion_jax import train_lib
 
     with launch.one_line_errors():
-        train_lib.train_and_evaluate(launch.config(FLAGS), FLAGS.workdir)
+        train_lib.train_and_evaluate(launch.config(FLAGS), FLAGS.workdir, take_over_lock=FLAGS.take_over_lock,
+                                     allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,30 @@ def digits(split: str) -> np.ndarray:
     return images[:1500] if split == "train" else images[1500:]
 
 
+def _not_prepared(tfds_name: str, builder) -> DatasetNotPreparedError:
+    return DatasetNotPreparedError(
+        f"dataset {tfds_name!r} is not prepared in {builder.data_dir_root}. On a machine with network "
+        f"access run: python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}')"
+        f".download_and_prepare()\" and copy the directory here, or pass --config.data.data_dir=DIR "
+        "(datasets with manual downloads: see the config's docstring)")
+
+
+def num_examples(name: str, split: str, *, data_dir=None, process_index: int = 0, process_count: int = 1) -> int:
+    """How many images of ``split`` this process's share (``load``) holds, from the dataset's metadata:
+    nothing is read, so that a run can check its batch before it writes anything."""
+    if name == "digits":
+        return len(np.array_split(digits(split), process_count)[process_index])
+    if name not in TFDS_DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    import tensorflow_datasets as tfds
+
+    tfds_name = TFDS_DATASETS[name][0]
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if not builder.info.splits:  # no metadata on disk: never prepared here
+        raise _not_prepared(tfds_name, builder)
+    return builder.info.splits[split].num_examples // process_count  # even_splits drops the remainder
+
+
 def _tfds_images(name: str, split: str, data_dir, image_size: int, process_index: int, process_count: int):
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -60,12 +84,7 @@ def _tfds_images(name: str, split: str, data_dir, image_size: int, process_index
     try:
         ds = builder.as_dataset(split=shard, shuffle_files=False)
     except AssertionError as e:  # tfds's "could not find data": never download here (no hanging retries)
-        raise DatasetNotPreparedError(
-            f"dataset {tfds_name!r} is not prepared in {builder.data_dir_root}. On a machine with network "
-            f"access run: python -c \"import tensorflow_datasets as tfds; tfds.builder('{tfds_name}')"
-            f".download_and_prepare()\" and copy the directory here, or pass --config.data.data_dir=DIR "
-            "(datasets with manual downloads: see the config's docstring)"
-        ) from e
+        raise _not_prepared(tfds_name, builder) from e
 
     def prepare(example):  # center crop to a square, resize to image_size (as the DDPM code's datasets)
         image = example[feature]

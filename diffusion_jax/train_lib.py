@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboard.compat.proto.event_pb2 import Event
@@ -37,8 +38,17 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import image_io, input_pipeline, losses, sample_lib, schedule, storage, timestep_sampler
-from diffusion_jax.errors import ConfigError, NonFiniteError
+from diffusion_jax import (
+    image_io,
+    input_pipeline,
+    losses,
+    run_lock,
+    sample_lib,
+    schedule,
+    storage,
+    timestep_sampler,
+)
+from diffusion_jax.errors import ConfigError, NonFiniteError, StorageError
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
@@ -166,6 +176,24 @@ class Trainer:
         return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
 
 
+# what a resumed run may change without --allow_config_change: how long it runs; how often it logs,
+# saves, samples and evaluates; where its data is. Any other difference changes the run itself.
+RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.keep_period", "data.data_dir", "sample.", "eval.")
+
+
+def check_resume_settings(config, saved_config: dict, allow_config_change: bool) -> list[str]:
+    """The settings in which ``config`` differs from the checkpoint's (beyond ``RESUMABLE_CHANGES``);
+    a ConfigError listing them unless ``allow_config_change``."""
+    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
+    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in ours
+                 if k in theirs and ours[k] != theirs[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if differing and not allow_config_change:
+        raise ConfigError("the workdir's checkpoint was trained with other settings: " + ", ".join(differing)
+                          + "; resume with the checkpoint's settings, or add --allow_config_change to go on with these")
+    return differing
+
+
 def check_resume_compatible(config, saved_config: dict) -> None:
     """Refuse to resume a checkpoint whose network differs from the config's."""
     ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
@@ -269,90 +297,132 @@ class _Writer:
             self._records.close()
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Train (or resume) the run of ``config`` in ``workdir`` (local or gs://); returns the final state."""
+def _take_lock(workdir: epath.Path, take_over: bool) -> run_lock.RunLock | None:
+    """Process 0 takes the workdir's lock (``run_lock``); every process stops if it cannot."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = run_lock.RunLock(workdir, take_over=take_over)
+        except StorageError as e:
+            error = e
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or StorageError(f"process 0 could not take the lock of {workdir} (its message says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _record_start(workdir: epath.Path, config, lock: run_lock.RunLock) -> None:
+    """The config of this start of the run, as ``WORKDIR/configs/START-RUNID.json``: never overwritten."""
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(lock.owner["started"]))
+    storage.write_json(workdir / "configs" / f"{started}-{lock.owner['run_id']}.json", config.to_dict())
+
+
+def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
+                       allow_config_change: bool = False) -> TrainState:
+    """Train (or resume) the run of ``config`` in ``workdir`` (local or gs://); returns the final state.
+
+    ``take_over_lock``: take over a stale lock of another run (``run_lock``); ``allow_config_change``:
+    resume a checkpoint trained with other settings (``check_resume_settings``)."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     workdir = storage.checkpoint_path(workdir)
     storage.check_reachable(workdir, what="workdir")
-    if (workdir / "checkpoints").is_dir():
-        with checkpoint_manager(workdir, config, create=False) as manager:
-            if manager.latest_step() is not None:
-                check_resume_compatible(config, _restore_config(manager, manager.latest_step()))
     d, t = config.data, config.train
     process, processes = jax.process_index(), jax.process_count()
-    images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
-                                 process_index=process, process_count=processes)
-    input_pipeline.check_batch_size(len(images), t.batch_size // processes)  # before anything is written
-    heldout = None
-    if config.eval.num_samples or config.eval.nll_images:
-        heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
-
-    trainer = Trainer(config)
-    periodic_eval = None
-    if config.eval.every:  # the Inception network and its weights are loaded only when asked for
-        from diffusion_jax.evaluation import report
-
-        periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
-    init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    input_pipeline.check_batch_size(input_pipeline.num_examples(d.name, d.train_split, data_dir=d.data_dir,
+                                                                process_index=process, process_count=processes),
+                                    t.batch_size // processes)  # before anything is written
     storage.check_writable(workdir, what="workdir")
-    storage.check_shared(workdir)
-    manager = checkpoint_manager(workdir, config, create=True)
-    state = trainer.init(init_rng)
-    last_good = manager.latest_step()
-    if last_good is not None:
-        state = restore_state(manager, last_good, trainer.abstract_state())
-        console(f"resumed from the checkpoint of step {last_good} in {workdir}")
-    start = int(state.step)
-    writer = _Writer(workdir)
-    preemption = _Preemption(manager)
-    prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
-                                         randflip=d.randflip, process_index=process)
-    pending, tick, tick_step = [], time.perf_counter(), start
+    lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
-        for step in range(start, t.num_steps):
-            state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
-            pending.append(metrics)
-            done = step + 1
-            preempted = preemption(done)
-            if done % t.log_every == 0 or done == t.num_steps or preempted:
-                _check_finite(state, last_good)
-                fetched = jax.device_get(pending)  # one transfer for the interval's metrics
-                means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                now = time.perf_counter()
-                rate = (done - tick_step) / (now - tick)
-                means.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
-                writer.scalars(done, means)
-                eta = (t.num_steps - done) / rate
-                console(f"step {done}/{t.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  "
-                        f"lr {means['lr']:.2e}  {rate:.2f} steps/s  {rate * t.batch_size:.1f} img/s  "
-                        f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-                pending, tick, tick_step = [], now, done
-            if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
-                _check_finite(state, last_good)
-                manager.save(done, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())),
-                    force=True)
-                last_good = done
-            if preempted:
-                console(f"preempted: saved step {done}, exiting")
-                return state
-            if config.sample.every and (done % config.sample.every == 0 or done == t.num_steps):
-                grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
-                if process == 0:
-                    image_io.save_grid(grid, workdir / "samples" / f"step_{done:08d}.png", scale=2)
-            if periodic_eval is not None and (done % config.eval.every == 0 or done == t.num_steps):
-                values = periodic_eval(state.ema_params, sample_rng)
-                writer.scalars(done, values)
-                console(f"step {done} evaluation: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
-        if config.eval.num_samples:
-            untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
-            report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
+        if (workdir / "checkpoints").is_dir():
+            with checkpoint_manager(workdir, config, create=False) as manager:
+                if manager.latest_step() is not None:
+                    saved = _restore_config(manager, manager.latest_step())
+                    check_resume_compatible(config, saved)
+                    changed = check_resume_settings(config, saved, allow_config_change)
+                    if changed:
+                        console("going on with changed settings: " + ", ".join(changed))
+        if lock is not None:
+            _record_start(workdir, config, lock)
+        images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
+                                     process_index=process, process_count=processes)
+        heldout = None
+        if config.eval.num_samples or config.eval.nll_images:
+            heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
+
+        trainer = Trainer(config)
+        periodic_eval = None
+        if config.eval.every:  # the Inception network and its weights are loaded only when asked for
+            from diffusion_jax.evaluation import report
+
+            periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
+        init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+        storage.check_shared(workdir)
+        manager = checkpoint_manager(workdir, config, create=True)
+        state = trainer.init(init_rng)
+        last_good = manager.latest_step()
+        if last_good is not None:
+            state = restore_state(manager, last_good, trainer.abstract_state())
+            console(f"resumed from the checkpoint of step {last_good} in {workdir}")
+        start = int(state.step)
+        writer = _Writer(workdir)
+        preemption = _Preemption(manager)
+        prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
+                                             randflip=d.randflip, process_index=process)
+        pending, tick, tick_step = [], time.perf_counter(), start
+        try:
+            for step in range(start, t.num_steps):
+                state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
+                pending.append(metrics)
+                if lock is not None:
+                    lock.refresh(every=run_lock.REFRESH_SECONDS)
+                done = step + 1
+                preempted = preemption(done)
+                if done % t.log_every == 0 or done == t.num_steps or preempted:
+                    _check_finite(state, last_good)
+                    fetched = jax.device_get(pending)  # one transfer for the interval's metrics
+                    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    now = time.perf_counter()
+                    rate = (done - tick_step) / (now - tick)
+                    means.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
+                    writer.scalars(done, means)
+                    eta = (t.num_steps - done) / rate
+                    console(f"step {done}/{t.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  "
+                            f"lr {means['lr']:.2e}  {rate:.2f} steps/s  {rate * t.batch_size:.1f} img/s  "
+                            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+                    pending, tick, tick_step = [], now, done
+                if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
+                    _check_finite(state, last_good)
+                    if lock is not None:
+                        lock.refresh()  # still this run's workdir: another may have taken over its lock
+                    manager.save(done, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())),
+                        force=True)
+                    last_good = done
+                if preempted:
+                    console(f"preempted: saved step {done}, exiting")
+                    return state
+                if config.sample.every and (done % config.sample.every == 0 or done == t.num_steps):
+                    grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
+                    if process == 0:
+                        image_io.save_grid(grid, workdir / "samples" / f"step_{done:08d}.png", scale=2)
+                if periodic_eval is not None and (done % config.eval.every == 0 or done == t.num_steps):
+                    values = periodic_eval(state.ema_params, sample_rng)
+                    writer.scalars(done, values)
+                    console(f"step {done} evaluation: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
+            if config.eval.num_samples:
+                untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
+                report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
+        finally:
+            prefetch.close()
+            preemption.close()
+            manager.wait_until_finished()
+            manager.close()
+            writer.close()
     finally:
-        prefetch.close()
-        preemption.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        if lock is not None:
+            lock.release()
     return state
 
 

@@ -35,8 +35,9 @@ def command(workdir, *overrides, config=CONFIG):
     return scripts.command("train.py", *arguments(workdir, *overrides, config=config))
 
 
-def train(workdir, *overrides, devices=1, expect=0):
-    return scripts.run("train.py", *arguments(workdir, *overrides), devices=devices, expect=expect, timeout=600)
+def train(workdir, *overrides, flags=(), devices=1, expect=0):
+    return scripts.run("train.py", *arguments(workdir, *overrides), *flags, devices=devices, expect=expect,
+                       timeout=600)
 
 
 def tiny_config(*overrides):
@@ -144,7 +145,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     workdir = str(tmp_path)
     train(workdir, "train.num_steps=2", "train.checkpoint_every=2")
     result = train(workdir, "train.num_steps=50", "train.checkpoint_every=2", "optim.lr=1e30",
-                   "optim.warmup_steps=0", expect=3)
+                   "optim.warmup_steps=0", flags=["--allow_config_change"], expect=3)
     assert "non-finite loss or gradient at step" in result.stderr
     bad = int(result.stderr.split("at step ")[1].split(";")[0])
     assert bad >= 2

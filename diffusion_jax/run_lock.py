@@ -1,0 +1,119 @@
+"""One training run per workdir: an owner file that a second run finds and refuses.
+
+``WORKDIR/run.lock`` holds JSON: host, pid, a random run id, the start time and the time it
+was last refreshed. Process 0 creates it before the run writes anything else: on local and
+network filesystems with ``O_CREAT | O_EXCL``, which only one creator can win; on object
+stores (gs://), which have no exclusive create, by writing it and reading it back after
+``SETTLE_SECONDS``, so that of two runs starting together the later writer wins and the other
+sees a foreign id and stops. The owner refreshes it after a step at most every ``REFRESH_SECONDS``,
+checks it before every checkpoint, and removes it when the run ends, however it ends.
+
+A lock is stale when its owner is gone: same host and no process of its pid, or not refreshed
+for ``STALE_AFTER_SECONDS``. A new run then stops naming the owner, as for a live one; with
+``take_over`` it takes the lock over and says whose it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+
+from etils import epath
+
+from diffusion_jax import storage
+from diffusion_jax.errors import StorageError
+
+LOCK_FILE = "run.lock"
+STALE_AFTER_SECONDS = 30 * 60  # longer than any gap between refreshes: compiling, an evaluation, a save
+REFRESH_SECONDS = 60.0  # the training loop refreshes the lock after a step at most this often
+SETTLE_SECONDS = 2.0
+
+
+def _owner_text(owner: dict) -> str:
+    age = time.time() - owner.get("refreshed", 0)
+    return (f"run {owner.get('run_id')} of host {owner.get('host')}, pid {owner.get('pid')}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}, last seen {age:.0f} s ago")
+
+
+def is_stale(owner: dict, now: float | None = None) -> bool:
+    """Whether ``owner``'s run is gone: on this host, whether its process is; elsewhere, whether it
+    stopped refreshing the lock ``STALE_AFTER_SECONDS`` ago."""
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):  # alive, another user's; or no pid to ask
+            pass
+        else:
+            return False
+    return (time.time() if now is None else now) - owner.get("refreshed", 0) > STALE_AFTER_SECONDS
+
+
+class RunLock:
+    """``WORKDIR/run.lock``, held by this process for the run (create it on process 0 only)."""
+
+    def __init__(self, workdir: epath.Path, *, take_over: bool = False):
+        self.path = workdir / LOCK_FILE
+        now = time.time()
+        self.owner = dict(host=socket.gethostname(), pid=os.getpid(), run_id=secrets.token_hex(8), started=now,
+                          refreshed=now)
+        self._acquire(take_over)
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign file: nobody's lock that can be refreshed
+            return {}
+
+    def _create(self) -> bool:
+        """Write the lock if there is none; False if another run's is there."""
+        data = json.dumps(self.owner)
+        if "://" not in os.fspath(self.path):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            return True
+        if self._read() is not None:
+            return False
+        self.path.write_text(data)
+        time.sleep(SETTLE_SECONDS)  # a run that wrote at the same time: the last writer's lock stands
+        return (self._read() or {}).get("run_id") == self.owner["run_id"]
+
+    def _acquire(self, take_over: bool) -> None:
+        if self._create():
+            return
+        owner = self._read() or {}
+        stale = is_stale(owner)
+        if not (stale and take_over):
+            advice = ("it looks stale (its process is gone or it stopped refreshing): add --take_over_lock to take "
+                      "it over" if stale else "wait for it to end, or use another --workdir")
+            raise StorageError(f"{self.path.parent} is in use by {_owner_text(owner)}; {advice}")
+        print(f"taking over the stale lock of {_owner_text(owner)}", flush=True)
+        storage.write_bytes(self.path, json.dumps(self.owner).encode())
+
+    def refresh(self, every: float = 0.0) -> None:
+        """Renew the lock (if it is ``every`` seconds old); a StorageError if another run has taken it over."""
+        if time.time() - self.owner["refreshed"] < every:
+            return
+        current = self._read()
+        if not current or current.get("run_id") != self.owner["run_id"]:
+            raise StorageError(f"{self.path.parent} was taken over by "
+                               f"{_owner_text(current) if current else 'nobody (its lock was removed)'}; "
+                               "this run stops without writing more")
+        self.owner["refreshed"] = time.time()
+        storage.write_bytes(self.path, json.dumps(self.owner).encode())
+
+    def release(self) -> None:
+        """Remove the lock if it is still this run's."""
+        current = self._read()
+        if current and current.get("run_id") == self.owner["run_id"]:
+            self.path.unlink()

@@ -1,0 +1,99 @@
+"""One run per workdir (``diffusion_jax.run_lock``) and the settings a resumed run may change."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import scripts
+
+from diffusion_jax import run_lock, storage
+from diffusion_jax.errors import StorageError
+
+TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
+
+
+def lock_file(directory, **owner):
+    (directory / run_lock.LOCK_FILE).write_text(json.dumps(dict(
+        dict(host=socket.gethostname(), pid=os.getpid(), run_id="other", started=time.time(), refreshed=time.time()),
+        **owner)))
+
+
+def test_a_second_lock_is_refused_naming_the_owner(tmp_path):
+    first = run_lock.RunLock(storage.path(str(tmp_path)))
+    with pytest.raises(StorageError, match=f"is in use by run {first.owner['run_id']} of host "
+                                           f"{socket.gethostname()}, pid {os.getpid()}.*wait for it to end"):
+        run_lock.RunLock(storage.path(str(tmp_path)), take_over=True)  # a live owner's lock is never taken
+    first.refresh()
+    first.release()
+    assert not (tmp_path / run_lock.LOCK_FILE).exists()
+    run_lock.RunLock(storage.path(str(tmp_path))).release()
+
+
+def dead_pid():
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize("owner", [dict(pid=None), dict(host="elsewhere", refreshed=time.time() - 3600)],
+                         ids=["process gone", "not refreshed"])
+def test_a_stale_lock_is_taken_over_only_when_asked(tmp_path, capsys, owner):
+    lock_file(tmp_path, **dict(owner, pid=owner.get("pid") or dead_pid()))
+    with pytest.raises(StorageError, match="looks stale .* add --take_over_lock"):
+        run_lock.RunLock(storage.path(str(tmp_path)))
+    taken = run_lock.RunLock(storage.path(str(tmp_path)), take_over=True)
+    assert "taking over the stale lock of run other" in capsys.readouterr().out
+    lock_file(tmp_path, run_id="third")  # and taken from it in turn: it must stop, and leave the new owner's lock
+    with pytest.raises(StorageError, match="was taken over by run third"):
+        taken.refresh()
+    taken.release()
+    assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["run_id"] == "third"
+
+
+def snapshot(directory):
+    return {path: open(path, "rb").read() for path in scripts.local_files(directory)}
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(tmp_path):
+    """While a run trains, another on its workdir stops before writing (the first run's checkpoints
+    stay byte for byte); resumed later with another learning rate, the run lists the difference and
+    refuses, and goes on with --allow_config_change, keeping the config of each start."""
+    workdir = tmp_path / "run"
+    args = [f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
+            "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=1000"]
+    first = subprocess.Popen(scripts.command("train.py", *args), env=scripts.environment(1), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 4/"):
+                break
+        time.sleep(1)
+        saved = {p: b for p, b in snapshot(workdir / "checkpoints").items() if "tmp" not in p}
+        second = scripts.run("train.py", *args, "--config.optim.lr=5e-4", expect=4)
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {workdir} is in use by run "), second.stderr[-2000:]
+        assert "wait for it to end, or use another --workdir" in lines[0]
+        now = snapshot(workdir / "checkpoints")
+        assert all(now[p] == b for p, b in saved.items())
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    assert not (workdir / run_lock.LOCK_FILE).exists()  # released at the end
+
+    resume = [f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
+              "--config.optim.lr=5e-4"]
+    refused = scripts.run("train.py", *resume, expect=2)
+    assert ("error: the workdir's checkpoint was trained with other settings: optim.lr (0.001 in the checkpoint, "
+            "0.0005 now)") in refused.stderr
+    stopped = int(out.split("preempted: saved step ")[1].split(",")[0])
+    went_on = scripts.run("train.py", *resume[:2], f"--config.train.num_steps={stopped + 2}", "--config.optim.lr=5e-4",
+                          "--allow_config_change")
+    assert "going on with changed settings: optim.lr (0.001 in the checkpoint, 0.0005 now)" in went_on.stdout
+    starts = sorted(os.listdir(workdir / "configs"))
+    assert len(starts) == 2  # the first run's start and this one's; the refused ones wrote nothing
+    assert json.loads((workdir / "configs" / starts[1]).read_text())["optim"]["lr"] == 5e-4
