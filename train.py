@@ -14,8 +14,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples (local, or gs:// shared by every "
                     "host); resumed if it holds a run")
-flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock left by a run that is gone (a crash, a "
-                  "lost host); a live run's lock is never taken")
+flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock of a run on another host that stopped "
+                  "refreshing it 30 minutes ago (a lost host); a lock of this host's live process is never taken")
 flags.DEFINE_bool("allow_config_change", False, "resume a checkpoint trained with other settings (the run lists "
                   "them); the network must stay the same")
 launch.define_distributed_flags()

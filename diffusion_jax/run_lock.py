@@ -8,9 +8,11 @@ stores (gs://), which have no exclusive create, by writing it and reading it bac
 sees a foreign id and stops. The owner refreshes it after a step at most every ``REFRESH_SECONDS``,
 checks it before every checkpoint, and removes it when the run ends, however it ends.
 
-A lock is stale when its owner is gone: same host and no process of its pid, or not refreshed
-for ``STALE_AFTER_SECONDS``. A new run then stops naming the owner, as for a live one; with
-``take_over`` it takes the lock over and says whose it was.
+A lock whose owner is provably gone (on this host, no process of its pid: a crash, kill -9, a
+restarted VM) is taken over at once, with a message, so that a restart loop resumes the run. One
+of another host that was not refreshed for ``STALE_AFTER_SECONDS`` is stale, but its run may
+live behind a network partition: a new run stops naming the owner, as for a live one, and takes
+it over only with ``take_over``.
 """
 
 from __future__ import annotations
@@ -38,18 +40,21 @@ def _owner_text(owner: dict) -> str:
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}, last seen {age:.0f} s ago")
 
 
+def is_gone(owner: dict) -> bool:
+    """Whether ``owner`` ran on this host and its process no longer exists."""
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):  # alive, another user's; or no pid to ask
+        return False
+    return False
+
+
 def is_stale(owner: dict, now: float | None = None) -> bool:
-    """Whether ``owner``'s run is gone: on this host, whether its process is; elsewhere, whether it
-    stopped refreshing the lock ``STALE_AFTER_SECONDS`` ago."""
-    if owner.get("host") == socket.gethostname():
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):  # alive, another user's; or no pid to ask
-            pass
-        else:
-            return False
+    """Whether ``owner`` stopped refreshing the lock ``STALE_AFTER_SECONDS`` ago."""
     return (time.time() if now is None else now) - owner.get("refreshed", 0) > STALE_AFTER_SECONDS
 
 
@@ -92,12 +97,13 @@ class RunLock:
         if self._create():
             return
         owner = self._read() or {}
-        stale = is_stale(owner)
-        if not (stale and take_over):
-            advice = ("it looks stale (its process is gone or it stopped refreshing): add --take_over_lock to take "
-                      "it over" if stale else "wait for it to end, or use another --workdir")
+        gone, stale = is_gone(owner), is_stale(owner)
+        if not (gone or stale and take_over):
+            advice = (f"it was not refreshed for {STALE_AFTER_SECONDS // 60} minutes: if that run is gone, add "
+                      "--take_over_lock" if stale else "wait for it to end, or use another --workdir")
             raise StorageError(f"{self.path.parent} is in use by {_owner_text(owner)}; {advice}")
-        print(f"taking over the stale lock of {_owner_text(owner)}", flush=True)
+        print(f"taking over the lock of {_owner_text(owner)}, which is "
+              f"{'gone' if gone else 'stale'}", flush=True)
         storage.write_bytes(self.path, json.dumps(self.owner).encode())
 
     def refresh(self, every: float = 0.0) -> None:

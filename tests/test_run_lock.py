@@ -39,14 +39,18 @@ def dead_pid():
     return process.pid
 
 
-@pytest.mark.parametrize("owner", [dict(pid=None), dict(host="elsewhere", refreshed=time.time() - 3600)],
-                         ids=["process gone", "not refreshed"])
-def test_a_stale_lock_is_taken_over_only_when_asked(tmp_path, capsys, owner):
-    lock_file(tmp_path, **dict(owner, pid=owner.get("pid") or dead_pid()))
-    with pytest.raises(StorageError, match="looks stale .* add --take_over_lock"):
+def test_the_lock_of_a_process_gone_from_this_host_is_taken_over(tmp_path, capsys):
+    lock_file(tmp_path, pid=dead_pid())  # a crash, kill -9: a restart resumes the run
+    run_lock.RunLock(storage.path(str(tmp_path))).release()
+    assert "taking over the lock of run other of host" in capsys.readouterr().out
+
+
+def test_a_stale_lock_of_another_host_is_taken_over_only_when_asked(tmp_path, capsys):
+    lock_file(tmp_path, host="elsewhere", pid=1, refreshed=time.time() - 3600)
+    with pytest.raises(StorageError, match="not refreshed for 30 minutes: if that run is gone, add --take_over_lock"):
         run_lock.RunLock(storage.path(str(tmp_path)))
     taken = run_lock.RunLock(storage.path(str(tmp_path)), take_over=True)
-    assert "taking over the stale lock of run other" in capsys.readouterr().out
+    assert "taking over the lock of run other of host elsewhere" in capsys.readouterr().out
     lock_file(tmp_path, run_id="third")  # and taken from it in turn: it must stop, and leave the new owner's lock
     with pytest.raises(StorageError, match="was taken over by run third"):
         taken.refresh()
