@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from diffusion_jax import config as config_lib
-from diffusion_jax import convert, storage, train_lib
+from diffusion_jax import convert, errors, storage, train_lib
 from diffusion_jax.errors import CheckpointError, ConfigError
 
 PARAMS = ("ema", "raw")
@@ -43,20 +43,34 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
         raise CheckpointError(f"{workdir} holds no checkpoints (no {directory}); "
                               f"train with train.py --workdir={workdir}")
     options = ocp.CheckpointManagerOptions(create=False)
+    given = config
+
+    def read(step):
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        if given is None:
+            config = config_lib.base()
+            config.update(saved)  # keys added to the schema since the run keep their defaults
+        else:
+            config = given
+            train_lib.check_resume_compatible(config, saved)
+        return config, train_lib.restore_state(manager, step, train_lib.Trainer(config).abstract_state())
+
     with ocp.CheckpointManager(directory, options=options) as manager:
         steps = manager.all_steps()
         if not steps:
             raise CheckpointError(f"{directory} holds no complete checkpoint")
-        step = max(steps) if step is None else step
-        if step not in steps:
+        if step is None:  # the latest readable one; an unreadable one is set aside as train.py does
+            step, (config, state) = train_lib.latest_readable(manager, workdir, read)
+        elif step not in steps:
             raise CheckpointError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        if config is None:
-            config = config_lib.base()
-            config.update(saved)  # keys added to the schema since the run keep their defaults
         else:
-            train_lib.check_resume_compatible(config, saved)
-        state = train_lib.restore_state(manager, step, train_lib.Trainer(config).abstract_state())
+            try:
+                config, state = read(step)
+            except errors.Error:
+                raise
+            except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
+                raise CheckpointError(f"the checkpoint of step {step} in {directory} cannot be read "
+                                      f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
     return Loaded(config, state.ema_params if which == "ema" else state.params,
                   f"{directory / str(step)} ({which})")
 

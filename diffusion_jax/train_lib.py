@@ -39,6 +39,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from diffusion_jax import config as config_lib
 from diffusion_jax import (
+    errors,
     image_io,
     input_pipeline,
     losses,
@@ -48,7 +49,7 @@ from diffusion_jax import (
     storage,
     timestep_sampler,
 )
-from diffusion_jax.errors import ConfigError, NonFiniteError, StorageError
+from diffusion_jax.errors import CheckpointError, ConfigError, NonFiniteError, StorageError
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
 from diffusion_jax.models.unet import UNet
 
@@ -231,6 +232,48 @@ def _restore_config(manager, step) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
+def _on_any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+def _set_aside(manager: ocp.CheckpointManager, workdir: epath.Path, step: int, error: Exception) -> None:
+    """Move the unreadable checkpoint of ``step`` to ``WORKDIR/unreadable_checkpoints/`` (never delete it)."""
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    target = workdir / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "checkpoints" / str(step)).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"train_lib._set_aside: step {step}")
+    manager.reload()
+    console(f"the checkpoint of step {step} cannot be read ({reason}); moved it to {target}")
+
+
+def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):
+    """``(step, read(step))`` of the latest checkpoint that ``read`` can read, or ``(None, None)`` if
+    there is none. Each that cannot be read (on any process) is set aside and the one before it
+    tried; a CheckpointError if checkpoints exist but none can be read."""
+    tried = sorted(manager.all_steps(), reverse=True)
+    for step in tried:
+        value, error = None, None
+        try:
+            value = read(step)
+        except errors.Error:  # the project's own verdicts (a config that does not fit) are not damage
+            raise
+        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
+            error = e
+        if not _on_any_process(error is not None):
+            return step, value
+        _set_aside(manager, workdir, step, error or RuntimeError("unreadable on another process"))
+    if tried:
+        raise CheckpointError(f"none of the checkpoints of steps {sorted(tried)} in {workdir / 'checkpoints'} can be "
+                              f"read; they were moved to {workdir / 'unreadable_checkpoints'}. Start a new --workdir, "
+                              "or restore them from a copy")
+    return None, None
+
+
 class _Preemption:
     """SIGTERM (or, across processes, JAX's preemption sync point) asks for a save and exit."""
 
@@ -337,8 +380,8 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
     try:
         if (workdir / "checkpoints").is_dir():
             with checkpoint_manager(workdir, config, create=False) as manager:
-                if manager.latest_step() is not None:
-                    saved = _restore_config(manager, manager.latest_step())
+                _, saved = latest_readable(manager, workdir, lambda step: _restore_config(manager, step))
+                if saved is not None:
                     check_resume_compatible(config, saved)
                     changed = check_resume_settings(config, saved, allow_config_change)
                     if changed:
@@ -361,9 +404,10 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
         storage.check_shared(workdir)
         manager = checkpoint_manager(workdir, config, create=True)
         state = trainer.init(init_rng)
-        last_good = manager.latest_step()
+        abstract = trainer.abstract_state()
+        last_good, restored = latest_readable(manager, workdir, lambda step: restore_state(manager, step, abstract))
         if last_good is not None:
-            state = restore_state(manager, last_good, trainer.abstract_state())
+            state = restored
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
         start = int(state.step)
         writer = _Writer(workdir)

@@ -1,0 +1,98 @@
+"""A checkpoint that cannot be read is set aside (never deleted) and the one before it resumed."""
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+import scripts
+
+from diffusion_jax import checkpoints, errors, storage, train_lib
+
+TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run with the checkpoints of steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    scripts.run("train.py", f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=4",
+                "--config.train.checkpoint_every=2")
+    return workdir
+
+
+def data_files(step_dir):
+    return sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir())
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def largest(step_dir):
+    return max(data_files(step_dir), key=lambda path: path.stat().st_size)
+
+
+CORRUPTIONS = {
+    "array file truncated": lambda s: truncate(largest(s)),
+    "every array file truncated": lambda s: [truncate(p) for p in data_files(s)],
+    "array file deleted": lambda s: largest(s).unlink(),
+    "array manifest deleted": lambda s: (s / "state" / "manifest.ocdbt").unlink(),
+    "state metadata garbage": lambda s: (s / "state" / "_METADATA").write_bytes(b"\xff\x00garbage"),
+    "config garbage": lambda s: (s / "config" / "metadata").write_bytes(b"\xff\x00garbage"),
+    "state directory deleted": lambda s: shutil.rmtree(s / "state"),
+}
+
+
+def resume_point(workdir):
+    """What train_and_evaluate reads, in its order: the latest readable config, then state."""
+    config = tiny_config()
+    path = storage.checkpoint_path(str(workdir))
+    with train_lib.checkpoint_manager(path, config, create=False) as manager:
+        train_lib.latest_readable(manager, path, lambda step: train_lib._restore_config(manager, step))
+        abstract = train_lib.Trainer(config).abstract_state()
+        return train_lib.latest_readable(manager, path, lambda step: train_lib.restore_state(manager, step, abstract))
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_each_corruption_of_the_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, capsys, corrupt):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    corrupt(workdir / "checkpoints" / "4")
+    step, state = resume_point(workdir)
+    assert step == 2 and int(state.step) == 2
+    aside = os.listdir(workdir / "unreadable_checkpoints")
+    assert len(aside) == 1 and aside[0].startswith("4-")  # moved, not deleted
+    assert "the checkpoint of step 4 cannot be read (" in capsys.readouterr().out
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_with_no_readable_checkpoint_the_run_stops_naming_them(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    for step in ("2", "4"):
+        CORRUPTIONS["array file deleted"](workdir / "checkpoints" / step)
+    result = scripts.run("train.py", f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=6",
+                         expect=5)
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: none of the checkpoints of steps [2, 4] in {workdir / 'checkpoints'} can be read")
+    assert len(os.listdir(workdir / "unreadable_checkpoints")) == 2
+
+
+def test_sampling_reads_the_latest_readable_checkpoint(trained, tmp_path):
+    """sample.py and evaluate.py (checkpoints.load): a step asked for that cannot be read is an error;
+    otherwise the latest readable one is loaded, an unreadable one set aside as train.py does."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    CORRUPTIONS["array file deleted"](workdir / "checkpoints" / "4")
+    with pytest.raises(errors.CheckpointError, match=f"the checkpoint of step 4 in {workdir / 'checkpoints'} cannot"):
+        checkpoints.load(workdir=str(workdir), step=4)
+    assert checkpoints.load(workdir=str(workdir)).source == f"{workdir / 'checkpoints' / '2'} (ema)"
+    assert os.listdir(workdir / "unreadable_checkpoints")[0].startswith("4-")
