@@ -140,7 +140,8 @@ def jax_workload(name):
     if name.startswith("forward"):
         params = trainer.init(jax.random.PRNGKey(0)).params
         n = IMAGES[name]
-        x, t = jnp.asarray(np.random.default_rng(0).normal(size=(n, 32, 32, 3)), jnp.float32), jnp.arange(n) * 15
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 32, 32, 3)), jnp.float32)
+        t = jnp.arange(n) * 15 % 1000  # timesteps spread over [0, T)
         def forward():
             return jax.jit(lambda p, x, t: trainer.model.apply({"params": p}, x, t))
 
@@ -220,7 +221,8 @@ def torch_workload(name):
     model = UNet2DModel(**DIFFUSERS_CIFAR10, dropout=0.1).to(device)
     if name.startswith("forward"):
         model.eval()
-        x, t = torch.randn(IMAGES[name], 3, 32, 32, device=device), torch.arange(IMAGES[name], device=device) * 15
+        x = torch.randn(IMAGES[name], 3, 32, 32, device=device)
+        t = torch.arange(IMAGES[name], device=device) * 15 % 1000  # as the JAX worker's
 
         def build():
             forward, seconds = model, 0.0
