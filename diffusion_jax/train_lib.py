@@ -302,9 +302,9 @@ def console(message: str) -> None:
 
 
 def _check_finite(state: TrainState, last_good: int | None) -> None:
-    bad = int(state.bad_step)
+    bad = int(state.bad_step)  # the index of the step, from 0; the console counts the steps done, from 1
     if bad >= 0:
-        raise NonFiniteError(f"non-finite loss or gradient at step {bad}; parameters were not updated from then "
+        raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated from then "
                              f"on and nothing after it was saved (last good checkpoint: step {last_good})")
 
 
