@@ -126,6 +126,8 @@ def sample_to_shards(generate: Generator, params, rng, directory: epath.Path, nu
     ``progress(done, total)`` is called after each batch.
     """
     total = -(-num // batch_size)
+    if jax.process_index() == 0:  # before the others write: they wait in completed_batches' broadcast
+        storage.remove_temporaries(directory)  # shares half-written by a killed run
     for index in range(completed_batches(directory), total):
         rows, images = generate.local(params, batch_size, rng, index)
         storage.save_npz(_piece(directory, index, jax.process_index()), images=images, rows=rows)

@@ -91,6 +91,15 @@ def write_bytes(destination: epath.Path, data: bytes) -> None:
     temporary.replace(destination)
 
 
+def remove_temporaries(directory: epath.Path) -> list[epath.Path]:
+    """Delete the temporary files that ``write_bytes`` leaves in ``directory`` when its process is
+    killed while writing (``NAME.tmp-PID``); they are never read."""
+    removed = [p for p in directory.glob("*.tmp-*") if p.is_file()] if directory.is_dir() else []
+    for p in removed:
+        p.unlink()
+    return removed
+
+
 def save_npz(destination: epath.Path, *args, **arrays) -> None:
     """``np.savez(destination, *args, **arrays)``, written whole or not at all."""
     buffer = io.BytesIO()

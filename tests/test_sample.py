@@ -58,8 +58,10 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     written = sorted(os.listdir(out / "shards"))
     assert 3 <= len([f for f in written if f.endswith(".npz") and ".tmp" not in f]) < 10, written
     assert not (out / "samples.npz").exists()
+    (out / "shards" / "000009-000-of-001.npz.tmp-99999").write_bytes(b"half a share")  # as a kill mid-write leaves
     result = sample(quickstart_workdir, out, *args)
     assert "samples: 1000/1000" in result.stdout
+    assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
     resumed = np.load(out / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(resumed, expected)
     assert len(np.unique(resumed.reshape(1000, -1), axis=0)) == 1000
