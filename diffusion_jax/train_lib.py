@@ -274,6 +274,40 @@ def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):
     return None, None
 
 
+class _Saves:
+    """The run's asynchronous checkpoint saves. Orbax hands the error of a save that failed in the
+    background (a full disk, a lost bucket) to the next call on the manager; here it becomes a
+    StorageError naming that save's step and directory, seen after the next step (``check``), at
+    the next save or at the end. The save fails whole: the checkpoints before it stay intact."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager, self.in_flight = manager, None
+
+    def _guard(self, call, step: int | None = None):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001  (whatever a failed write raised, in Orbax's words)
+            failed = self.in_flight if self.in_flight is not None else step
+            if failed is None:
+                raise
+            self.in_flight = None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: {reason}; "
+                               "the checkpoints before it are intact") from e
+
+    def save(self, step: int, args) -> None:
+        self._guard(lambda: self.manager.save(step, args=args, force=True), step)
+        self.in_flight = step
+
+    def check(self) -> None:
+        if self.in_flight is not None:
+            self._guard(self.manager.check_for_errors)
+
+    def finish(self) -> None:
+        self._guard(self.manager.wait_until_finished)
+        self.in_flight = None
+
+
 class _Preemption:
     """SIGTERM (or, across processes, JAX's preemption sync point) asks for a save and exit."""
 
@@ -411,7 +445,7 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
         start = int(state.step)
         writer = _Writer(workdir)
-        preemption = _Preemption(manager)
+        preemption, saves = _Preemption(manager), _Saves(manager)
         prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
                                              randflip=d.randflip, process_index=process)
         pending, tick, tick_step = [], time.perf_counter(), start
@@ -419,6 +453,7 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
             for step in range(start, t.num_steps):
                 state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
                 pending.append(metrics)
+                saves.check()
                 if lock is not None:
                     lock.refresh(every=run_lock.REFRESH_SECONDS)
                 done = step + 1
@@ -440,9 +475,8 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
                     _check_finite(state, last_good)
                     if lock is not None:
                         lock.refresh()  # still this run's workdir: another may have taken over its lock
-                    manager.save(done, args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())),
-                        force=True)
+                    saves.save(done, ocp.args.Composite(
+                        state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())))
                     last_good = done
                 if preempted:
                     console(f"preempted: saved step {done}, exiting")
@@ -461,9 +495,11 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
         finally:
             prefetch.close()
             preemption.close()
-            manager.wait_until_finished()
-            manager.close()
-            writer.close()
+            try:
+                saves.finish()
+            finally:
+                manager.close()
+                writer.close()
     finally:
         if lock is not None:
             lock.release()

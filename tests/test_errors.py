@@ -2,6 +2,7 @@
 (``diffusion_jax.errors``); a bug keeps its traceback."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 import scripts
 
-from diffusion_jax import convert, errors, launch, storage
+from diffusion_jax import convert, errors, launch, storage, train_lib
 from diffusion_jax.evaluation import inception
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
@@ -112,3 +113,30 @@ def test_only_the_projects_errors_are_shortened():
         json.loads("{}")["step"]
     kinds = (errors.ConfigError, errors.NonFiniteError, errors.StorageError, errors.CheckpointError, errors.DataError)
     assert [kind.exit_status for kind in kinds] == [2, 3, 4, 5, 6]
+
+
+def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_stay(tmp_path):
+    """30 MB hold two checkpoints of the tiny run (~11 MB each), not three."""
+    with mounted_tmpfs(tmp_path / "small", "size=30m") as small:
+        workdir = small / "run"
+        result = train(workdir, f"--config={TINY}", "--config.train.num_steps=20", "--config.train.checkpoint_every=2",
+                       "--config.train.keep_checkpoints=100")
+        assert result.returncode == 4, result.stderr[-3000:]
+        errors_ = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors_) == 1 and errors_[0].startswith(
+            f"error: saving the checkpoint of step 6 in {workdir / 'checkpoints'} failed: "), result.stderr[-3000:]
+        assert "No space left on device" in errors_[0] and errors_[0].endswith("the checkpoints before it are intact")
+        assert "step 6/20" in result.stdout and "step 9/20" not in result.stdout  # seen within the next steps
+        complete = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+        assert complete == ["2", "4"]
+        config = train_lib_config()
+        with train_lib.checkpoint_manager(storage.checkpoint_path(str(workdir)), config, create=False) as manager:
+            state = train_lib.restore_state(manager, 4, train_lib.Trainer(config).abstract_state())
+        assert int(state.step) == 4
+
+
+def train_lib_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
