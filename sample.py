@@ -27,7 +27,7 @@ by all processes, which is checked before sampling.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax import launch, sampler_registry  # (the package sets XLA's CPU flags before JAX starts)
 from diffusion_jax.errors import ConfigError
 
 MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
@@ -40,12 +40,11 @@ flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: th
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
 flags.DEFINE_string("out", None, "output directory (local, or gs:// shared by every host)")
 flags.DEFINE_enum("mode", "samples", MODES, "what to produce")
-flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "dpm_solver++"], "override config.sample.sampler")
+flags.DEFINE_enum("sampler", None, list(sampler_registry.SAMPLERS), "override config.sample.sampler")
 flags.DEFINE_integer("steps", None, "override config.sample.steps", lower_bound=1)
-flags.DEFINE_string("spacing", None, "override config.sample.spacing (ddpm, ddim: uniform, quad, trailing, "
-                    "linspace; dpm_solver++: logSNR, time_uniform, time_quadratic)")
-flags.DEFINE_float("eta", None, "override config.sample.eta (DDIM only)")
-flags.DEFINE_integer("order", None, "override config.sample.order (dpm_solver++ only: 2 for 2M, 3 for 3M)")
+flags.DEFINE_string("spacing", None, f"override config.sample.spacing ({sampler_registry.spacing_help()})")
+flags.DEFINE_float("eta", None, f"override config.sample.eta ({sampler_registry.option_help('eta')})")
+flags.DEFINE_integer("order", None, f"override config.sample.order ({sampler_registry.option_help('order')})")
 flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
 flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples", lower_bound=1)
@@ -93,10 +92,12 @@ def sampler_config(config):
     for name in ("sampler", "steps", "spacing", "eta", "order", "clip_x0"):
         if FLAGS[name].value is not None:
             config.sample[name] = FLAGS[name].value
-    if FLAGS.sampler == "ddpm" and FLAGS.steps is None:
-        config.sample.steps = config.diffusion.num_timesteps  # DDPM: the full chain unless told otherwise
-    if FLAGS.sampler == "dpm_solver++" and FLAGS.spacing is None:
-        config.sample.spacing = "logSNR"  # the DPM-Solver papers' choice unless told otherwise
+    if FLAGS.sampler is not None:  # the sampler's own steps and spacing unless told otherwise
+        sampler = sampler_registry.get(FLAGS.sampler)
+        if sampler.all_steps_by_default and FLAGS.steps is None:
+            config.sample.steps = config.diffusion.num_timesteps
+        if sampler.default_spacing is not None and FLAGS.spacing is None:
+            config.sample.spacing = sampler.default_spacing
     return config
 
 
@@ -141,8 +142,8 @@ def samples(jax, loaded, out):
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                     sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
-    if config.sample.sampler == "dpm_solver++":  # the only sampler with an order
-        settings["sample"]["order"] = config.sample.order
+    options = sampler_registry.get(config.sample.sampler).options  # eta is recorded for every sampler
+    settings["sample"].update({k: config.sample[k] for k in options})
     check_run_settings(out, settings)
     evaluator = None
     if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once

@@ -11,10 +11,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from diffusion_jax import input_pipeline, losses, samplers, schedule, timestep_sampler
+from diffusion_jax import input_pipeline, losses, sampler_registry, schedule, timestep_sampler
 from diffusion_jax.errors import ConfigError
-
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -36,11 +34,11 @@ def base() -> ml_collections.ConfigDict:
     # steps, the last keep_checkpoints kept, and every keep_period-th kept for good (0: none)
     c.train = dict(batch_size=128, num_steps=800_000, log_every=100, checkpoint_every=10_000,
                    keep_checkpoints=3, keep_period=0)
-    # the sampler of grids during training and the default of sample.py: 'ddpm' (ancestral),
-    # 'ddim' (eta 0: deterministic, 1: DDPM-like) or 'dpm_solver++' (multistep of `order` 2 or 3)
-    # on `steps` timesteps of `spacing` (ddpm, ddim: samplers.SPACINGS; dpm_solver++:
-    # samplers.DPM_SOLVER_SKIPS); x_0 predictions clipped to [-1, 1] as in the DDPM code. Grids
-    # of `num` EMA samples with fixed noise every `every` steps (0: never).
+    # the sampler of grids during training and the default of sample.py, one of sampler_registry's:
+    # 'ddpm' (ancestral), 'ddim' (eta 0: deterministic, 1: DDPM-like) or 'dpm_solver++' (multistep of
+    # `order` 2 or 3), on `steps` timesteps of `spacing` (each sampler's own, see the registry); x_0
+    # predictions clipped to [-1, 1] as in the DDPM code. Grids of `num` EMA samples with fixed noise
+    # every `every` steps (0: never).
     c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", eta=0.0, clip_x0=True,
                     order=2)
     # num_samples: at the end of training, the sliced Wasserstein distance in pixel space between
@@ -109,19 +107,18 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     need(t.keep_period >= 0, "train.keep_period", t.keep_period, ">= 0 (0: keep none for good)")
     need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip > 0, "optim", dict(o), "lr > 0, warmup_steps >= 0, grad_clip > 0")
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1)")
-    need(s.sampler in SAMPLERS, "sample.sampler", s.sampler, ", ".join(SAMPLERS))
-    if s.sampler == "dpm_solver++":
-        need(s.spacing in samplers.DPM_SOLVER_SKIPS, "sample.spacing", s.spacing,
-             f"one of {', '.join(samplers.DPM_SOLVER_SKIPS)} with sampler 'dpm_solver++'")
-        need(s.order in (1, 2, 3), "sample.order", s.order, "1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3)")
-    else:
-        need(s.spacing in samplers.SPACINGS, "sample.spacing", s.spacing,
-             f"one of {', '.join(samplers.SPACINGS)} with sampler {s.sampler!r}")
+    registered = sampler_registry.SAMPLERS
+    need(s.sampler in registered, "sample.sampler", s.sampler, ", ".join(registered))
+    sampler = registered[s.sampler]
+    need(s.spacing in sampler.spacings, "sample.spacing", s.spacing,
+         f"one of {', '.join(sampler.spacings)} with sampler {s.sampler!r}")
+    for key, option in sampler.options.items():
+        need(option.valid(s[key]), f"sample.{key}", s[key], option.allowed)
+    for key, idle in sampler_registry.OPTIONS.items():
+        need(key in sampler.options or idle is None or s[key] == idle, f"sample.{key}", s[key],
+             f"{idle} with sampler {s.sampler!r} ({key} applies to {sampler_registry.option_help(key)})")
     need(1 <= s.steps <= diff.num_timesteps, "sample.steps", s.steps, f"in [1, {diff.num_timesteps}]")
     need(s.every >= 0 and s.num >= 1, "sample", dict(s), "every >= 0 and num >= 1")
-    need(s.eta >= 0, "sample.eta", s.eta, ">= 0")
-    need(s.sampler == "ddim" or s.eta == 0, "sample.eta", s.eta,
-         f"0 with sampler {s.sampler!r} (eta applies to DDIM; eta 1 with sampler 'ddim' is DDPM-like)")
     e = config.eval
     for key in ("num_samples", "every", "fid_samples", "nll_images"):
         need(e[key] >= 0, f"eval.{key}", e[key], ">= 0")

@@ -18,37 +18,28 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import image_io, samplers, schedule, storage
+from diffusion_jax import image_io, sampler_registry, schedule, storage
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
 
 def sampler_timesteps(config, sched: schedule.Schedule):
-    """The timesteps ``config.sample`` visits, or None for the full DDPM chain."""
-    d, s = config.diffusion, config.sample
-    if s.sampler == "ddpm" and s.steps == d.num_timesteps:
-        return None
-    if s.sampler == "dpm_solver++":
-        return samplers.dpm_solver_timesteps(sched, s.steps, s.spacing)
-    return samplers.ddim_timesteps(d.num_timesteps, s.steps, s.spacing)
+    """The timesteps ``config.sample`` visits, or None for all T (the full DDPM chain)."""
+    s = config.sample
+    return sampler_registry.get(s.sampler).timesteps(sched, s.steps, s.spacing)
 
 
 def sample_images(params, x_T, rng, *, model: UNet, sched: schedule.Schedule, config, record=()):
-    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (DDPM ancestral, DDIM with eta
-    or DPM-Solver++)."""
+    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (see ``sampler_registry``)."""
     d, s = config.diffusion, config.sample
+    sampler = sampler_registry.get(s.sampler)
 
     def model_fn(x, t):
         return model.apply({"params": params}, x, t)
 
-    types = dict(mean_type=d.mean_type, var_type=d.var_type, clip_x0=s.clip_x0, record=record)
-    timesteps = sampler_timesteps(config, sched)
-    if s.sampler == "ddpm":
-        return samplers.ddpm_sample(model_fn, sched, x_T, rng, timesteps=timesteps, **types)
-    if s.sampler == "dpm_solver++":
-        return samplers.dpm_solver_sample(model_fn, sched, x_T, timesteps=timesteps, order=s.order, **types)
-    return samplers.ddim_sample(model_fn, sched, x_T, timesteps=timesteps, eta=s.eta,
-                                rng=rng if s.eta > 0 else None, **types)
+    timesteps, options = sampler_timesteps(config, sched), {key: s[key] for key in sampler.options}
+    return sampler.run(model_fn, sched, x_T, rng, timesteps=timesteps, mean_type=d.mean_type,
+                       var_type=d.var_type, clip_x0=s.clip_x0, record=record, **options)
 
 
 def batch_keys(rng, index: int):

@@ -23,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedule as sch
-
-SPACINGS = ("uniform", "quad", "trailing", "linspace")
-DPM_SOLVER_SKIPS = ("logSNR", "time_uniform", "time_quadratic")
+from diffusion_jax.spacings import DPM_SOLVER_SKIPS, SPACINGS
 
 
 class Samples(NamedTuple):

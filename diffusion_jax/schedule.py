@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEDULES = ("linear", "quad", "cosine", "const", "jsd", "warmup10", "warmup50")
+# Beta schedules by name, in the order errors list them (see register_beta_schedule)
+SCHEDULES: dict[str, Callable[..., np.ndarray]] = {}
 MEAN_TYPES = ("eps", "x0", "mean", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
@@ -67,6 +68,62 @@ class Schedule(NamedTuple):
         return self.betas.shape[0]
 
 
+def register_beta_schedule(name: str, betas: Callable[..., np.ndarray]) -> None:
+    """Make ``name`` a schedule of :func:`get_beta_schedule` (and of ``config.diffusion.schedule``):
+    ``betas(T, *, beta_start, beta_end, cosine_s)`` -> float64 [T] in (0, 1), taking the keywords it
+    uses and ``**_`` for the others."""
+    if name in SCHEDULES:
+        raise ValueError(f"a beta schedule named {name!r} is registered already")
+    SCHEDULES[name] = betas
+
+
+def _linear(T, *, beta_start, beta_end, **_):
+    """beta_start to beta_end linearly (DDPM section 4: 1e-4 to 0.02)."""
+    return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+
+
+def _quad(T, *, beta_start, beta_end, **_):
+    """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+
+
+def _cosine(T, *, cosine_s, **_):
+    """Improved DDPM eq. 17: a-bar_t = f(t) / f(0) with f(t) = cos((t / T + s) / (1 + s) pi / 2)^2."""
+    steps = np.arange(T + 1, dtype=np.float64) / T
+    alpha_bar = np.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], MAX_BETA)
+
+
+def _const(T, *, beta_end, **_):
+    return np.full(T, beta_end, dtype=np.float64)
+
+
+def _jsd(T, **_):
+    """1/T, 1/(T-1), ..., 1."""
+    return np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), MAX_BETA)
+
+
+def _warmup(fraction: float):
+    """beta_end after a linear warmup from beta_start over the first ``fraction`` of the timesteps."""
+
+    def warmup_betas(T, *, beta_start, beta_end, **_):
+        betas = np.full(T, beta_end, dtype=np.float64)
+        warmup = int(T * fraction)
+        betas[:warmup] = np.linspace(beta_start, beta_end, warmup, dtype=np.float64)
+        return betas
+
+    return warmup_betas
+
+
+register_beta_schedule("linear", _linear)
+register_beta_schedule("quad", _quad)
+register_beta_schedule("cosine", _cosine)
+register_beta_schedule("const", _const)
+register_beta_schedule("jsd", _jsd)
+register_beta_schedule("warmup10", _warmup(0.1))
+register_beta_schedule("warmup50", _warmup(0.5))
+
+
 def get_beta_schedule(
     name: str,
     num_timesteps: int = 1000,
@@ -74,7 +131,7 @@ def get_beta_schedule(
     beta_end: float = 0.02,
     cosine_s: float = 0.008,
 ) -> np.ndarray:
-    """Betas of a named schedule as float64 [T].
+    """Betas of a schedule of :data:`SCHEDULES` as float64 [T].
 
     ``linear``, ``quad``, ``const``, ``jsd``, ``warmup10``, ``warmup50`` are the schedules
     of the DDPM code (``get_beta_schedule``); ``cosine`` is improved DDPM eq. 17 with offset
@@ -84,25 +141,13 @@ def get_beta_schedule(
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps}")
-    T = int(num_timesteps)
-    if name == "linear":
-        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-    elif name == "quad":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
-    elif name == "const":
-        betas = np.full(T, beta_end, dtype=np.float64)
-    elif name == "jsd":
-        betas = np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), MAX_BETA)
-    elif name in ("warmup10", "warmup50"):
-        betas = np.full(T, beta_end, dtype=np.float64)
-        warmup = int(T * {"warmup10": 0.1, "warmup50": 0.5}[name])
-        betas[:warmup] = np.linspace(beta_start, beta_end, warmup, dtype=np.float64)
-    elif name == "cosine":
-        steps = np.arange(T + 1, dtype=np.float64) / T
-        alpha_bar = np.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-        betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], MAX_BETA)
-    else:
+    if name not in SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    T = int(num_timesteps)
+    betas = SCHEDULES[name](T, beta_start=beta_start, beta_end=beta_end, cosine_s=cosine_s)
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.shape != (T,):
+        raise ValueError(f"beta schedule {name!r} gave betas of shape {betas.shape}, not [T] = [{T}]")
     return betas
 
 
