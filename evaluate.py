@@ -24,7 +24,7 @@ rate-distortion data of DDPM section 4.3 (rate_distortion.npz, rate_distortion.p
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax import launch, xla_flags
 from diffusion_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -139,6 +139,7 @@ def nll_mode(jax):
 
 def main(argv):
     del argv
+    xla_flags.set_defaults()  # before launch.start starts JAX's backends
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     launch.start(FLAGS)

@@ -27,7 +27,7 @@ by all processes, which is checked before sampling.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import launch, sampler_registry  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax import launch, sampler_registry, xla_flags
 from diffusion_jax.errors import ConfigError
 
 MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
@@ -121,6 +121,7 @@ def check_run_settings(out, settings: dict) -> None:
 
 def main(argv):
     del argv
+    xla_flags.set_defaults()  # before launch.start starts JAX's backends
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     launch.start(FLAGS)

@@ -8,7 +8,7 @@ Multi-process runs: --distributed on TPU pods and Slurm (JAX finds the cluster),
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import launch  # (the package sets XLA's CPU flags before JAX starts)
+from diffusion_jax import launch, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    xla_flags.set_defaults()  # before launch.start starts JAX's backends
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries' INFO only on request
     launch.start(FLAGS)

@@ -84,12 +84,12 @@ def _flops_per_device(jax, compiled, lower_again) -> float:
     """FLOPs of one call per device, by XLA's cost analysis of the compiled program.
 
     XLA counts no FLOPs in a custom call: where the convolutions are oneDNN's (one CPU device,
-    diffusion_jax/models/conv.py), ``lower_again()`` lowers the same program afresh, traced with
+    diffusion_jax/models/onednn.py), ``lower_again()`` lowers the same program afresh, traced with
     XLA's convolutions, and that is counted, before optimization.
     """
-    from diffusion_jax.models import conv
+    from diffusion_jax.models import onednn
 
-    if jax.default_backend() == "cpu" and conv.uses_onednn():
+    if jax.default_backend() == "cpu" and onednn.uses_onednn():
         with mock.patch.dict(os.environ, DIFFUSION_JAX_ONEDNN="0"):
             return float(lower_again().cost_analysis()["flops"])
     cost = compiled.cost_analysis()
@@ -107,10 +107,12 @@ def _timed(run, reps: int) -> list[float]:
 
 def run_workload(name: str, reps: int, tiny: bool, batch: int | None = None) -> dict:
     """Measure ``name`` in this process; ``batch`` overrides a train step's global batch."""
+    from diffusion_jax import xla_flags
+
+    xla_flags.set_defaults()  # before JAX starts its backends
     import jax
     import jax.numpy as jnp
 
-    import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
     from diffusion_jax import train_lib
     from diffusion_jax.evaluation import inception
 

@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import hardware
-from diffusion_jax import train_lib
+from diffusion_jax import train_lib, xla_flags
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
 flags.DEFINE_bool("json", False, "print one JSON object rather than the table")
@@ -83,6 +83,7 @@ def project(analysis: dict) -> list[dict]:
 
 def main(argv):
     del argv
+    xla_flags.set_defaults()  # before JAX starts its backends
     config = flags.FLAGS.config
     if jax.device_count() < 2:
         raise app.UsageError("one device has no collectives to show: run with "

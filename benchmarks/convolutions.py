@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffusion_jax.models import conv
+from diffusion_jax import xla_flags
+from diffusion_jax.models import conv, onednn
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # batch, side, in channels, out channels, stride, kernel side
@@ -32,22 +32,23 @@ SHAPES = [(16, 32, 128, 128, 1, 3), (16, 16, 256, 256, 1, 3), (16, 8, 256, 256, 
 DENSE = (((3,), (0,)), ((), ()))  # nn.Dense's contraction of NHWC activations
 
 
-def _programs(onednn, stride, kernel):
+def _programs(with_onednn, stride, kernel):
     def f(x, w):
         if kernel == 1:
-            return (conv.dot_general if onednn else lax.dot_general)(x, w, DENSE)
-        return (conv.conv_general_dilated if onednn else lax.conv_general_dilated)(
+            return (conv.dot_general if with_onednn else lax.dot_general)(x, w, DENSE)
+        return (conv.conv_general_dilated if with_onednn else lax.conv_general_dilated)(
             x, w, (stride, stride), "SAME", dimension_numbers=NHWC)
 
     return jax.jit(f), jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
 
 
 def main():
+    xla_flags.set_defaults()  # before JAX starts its backends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
-    if not conv.uses_onednn():
-        raise SystemExit("oneDNN's convolutions are not in use here (see diffusion_jax/models/conv.py); "
+    if not onednn.uses_onednn():
+        raise SystemExit("oneDNN's convolutions are not in use here (see diffusion_jax/models/onednn.py); "
                          "run make install on an x86-64 CPU with one device")
     print(f"{'shape (NHWC -> O, kernel, stride)':34s} {'forward ms':>22s} {'forward + backward ms':>24s}")
     print(f"{'':34s} {'oneDNN':>7s} {'XLA':>7s} {'ratio':>6s} {'oneDNN':>8s} {'XLA':>8s} {'ratio':>6s}")

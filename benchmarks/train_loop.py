@@ -19,17 +19,17 @@ import sys
 import tempfile
 import time
 
-import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
 import jax
 import numpy as np
 
-from diffusion_jax import input_pipeline, train_lib
+from diffusion_jax import input_pipeline, train_lib, xla_flags
 
 sys.path.insert(0, ".")
 from configs import cifar10  # noqa: E402
 
 
 def main():
+    xla_flags.set_defaults()  # before JAX starts its backends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=24)

@@ -86,24 +86,26 @@ def jax_workload(name):
 
     ``build()`` compiles and gives (run, warm-up or None for ``run``, compile seconds).
     """
-    import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
+    from diffusion_jax import xla_flags
+
+    xla_flags.set_defaults()  # before JAX starts its backends
     import jax
     import jax.numpy as jnp
 
     from diffusion_jax import train_lib
     from diffusion_jax.evaluation import inception
-    from diffusion_jax.models import conv
+    from diffusion_jax.models import onednn
 
     def compiled(jitted, *args, twin=None):
         """(FLOPs by XLA's cost analysis, ``compile`` giving the executable and its compile seconds).
 
         XLA counts no FLOPs in a custom call, so for a program with oneDNN's convolutions
-        (diffusion_jax/models/conv.py) ``twin`` makes the same program afresh, which is traced
+        (diffusion_jax/models/onednn.py) ``twin`` makes the same program afresh, which is traced
         with XLA's convolutions. Either is counted before optimization.
         """
         lowered = jitted.lower(*args)
         counted = lowered
-        if twin is not None and conv.uses_onednn():
+        if twin is not None and onednn.uses_onednn():
             with mock.patch.dict(os.environ, DIFFUSION_JAX_ONEDNN="0"):
                 counted = twin().lower(*args)
 

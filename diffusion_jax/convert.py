@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from diffusion_jax import errors, storage
+from diffusion_jax import errors, storage, xla_flags
 from diffusion_jax.errors import CheckpointError, ConfigError
 from diffusion_jax.models.unet import PRESETS, UNet
 
@@ -237,6 +237,7 @@ def load(directory: str):
 
 
 def main(argv=None):
+    xla_flags.set_defaults()  # before JAX starts its backends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--diffusers", metavar="DIR", help="a diffusers UNet2DModel directory")

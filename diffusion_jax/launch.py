@@ -62,9 +62,9 @@ def startup_line() -> str:
     line = (f"JAX {jax.__version__}: backend {jax.default_backend()}, {len(devices)} device(s) ({', '.join(kinds)}), "
             f"{jax.local_device_count()} on this host; process {jax.process_index()} of {jax.process_count()}")
     if jax.default_backend() == "cpu":
-        from diffusion_jax.models import conv
+        from diffusion_jax.models import onednn
 
-        line += f"; CPU convolutions: {'oneDNN' if conv.uses_onednn() else 'XLA'}"
+        line += f"; CPU convolutions: {'oneDNN' if onednn.uses_onednn() else 'XLA'}"
     return line
 
 

@@ -4,10 +4,13 @@ import pytest
 import triton  # noqa: F401  (before TensorFlow: see below)
 
 import scripts
+from diffusion_jax import xla_flags
 
 # torch 2.14.1's wheel brings triton, which diffusers loads through torch._dynamo; its
 # libtriton crashes the process (segfault) when it loads after TensorFlow's libraries, and
 # the parity tests need both in one process. Loaded first, both work.
+
+xla_flags.set_defaults()  # the entry points' XLA flags for the tests in this process, before JAX starts
 
 QUICKSTART_STEPS = 300
 

@@ -10,14 +10,14 @@ jax.make_array_from_process_local_data assembles them; writes the final params.
 import importlib.util
 import sys
 
-import diffusion_jax  # noqa: F401  (XLA flags before JAX starts)
 import jax
 import numpy as np
 
-from diffusion_jax import input_pipeline, train_lib
+from diffusion_jax import input_pipeline, train_lib, xla_flags
 
 
 def main(config_path, out):
+    xla_flags.set_defaults()  # as train.py, whose run this is the reference of
     spec = importlib.util.spec_from_file_location("config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

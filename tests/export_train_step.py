@@ -16,15 +16,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-import diffusion_jax  # noqa: F401,E402  (XLA flags before JAX starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import export  # noqa: E402
 
-from diffusion_jax import train_lib  # noqa: E402
+from diffusion_jax import train_lib, xla_flags  # noqa: E402
 
 
 def main(config_name):
+    xla_flags.set_defaults()  # before JAX starts its backends
     config = importlib.import_module(f"configs.{config_name}").get_config()
     trainer = train_lib.Trainer(config)
     d = config.data

@@ -1,4 +1,4 @@
-"""oneDNN's convolutions (diffusion_jax/models/conv.py) against XLA's, and when each is used."""
+"""conv.py's convolutions, oneDNN's (diffusion_jax/models/onednn.py) against XLA's, and when each is used."""
 
 import functools
 import pathlib
@@ -14,7 +14,7 @@ import pytest
 from jax import lax
 
 from diffusion_jax.evaluation.inception import InceptionV3
-from diffusion_jax.models import conv
+from diffusion_jax.models import conv, onednn
 from diffusion_jax.models.unet import UNet
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -33,22 +33,22 @@ def test_the_library_is_built_and_used_on_this_machine():
     # make install builds it on x86-64 Linux (setup.py); elsewhere XLA's convolutions run.
     if platform.machine() != "x86_64":
         pytest.skip(f"the oneDNN wheels are x86-64 only; this machine is {platform.machine()}")
-    assert conv.onednn_available(), "diffusion_jax/_onednn_conv*.so is missing: run make install (setup.py)"
-    assert conv.uses_onednn()
+    assert onednn.onednn_available(), "diffusion_jax/_onednn_conv*.so is missing: run make install (setup.py)"
+    assert onednn.uses_onednn()
 
 
 def test_a_library_that_does_not_load_is_one_warning_and_xla_convolutions(tmp_path, monkeypatch):
     library = tmp_path / "_onednn_conv.cpython-311-x86_64-linux-gnu.so"
     library.write_bytes(b"not a shared library")
-    monkeypatch.setattr(conv, "__file__", str(tmp_path / "models" / "conv.py"))  # where _library looks
+    monkeypatch.setattr(onednn, "__file__", str(tmp_path / "models" / "onednn.py"))  # where _library looks
     # uncached copies for this test; the module's own, with the real library, come back after it
-    monkeypatch.setattr(conv, "_library", functools.cache(conv._library.__wrapped__))
-    monkeypatch.setattr(conv, "onednn_available", functools.cache(conv.onednn_available.__wrapped__))
+    monkeypatch.setattr(onednn, "_library", functools.cache(onednn._library.__wrapped__))
+    monkeypatch.setattr(onednn, "onednn_available", functools.cache(onednn.onednn_available.__wrapped__))
     x, w = jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")  # each warning recorded, repeats included
-        assert not conv.onednn_available()
-        assert not conv.uses_onednn()
+        assert not onednn.onednn_available()
+        assert not onednn.uses_onednn()
         np.testing.assert_allclose(onednn_conv(x, w, (1, 1), "SAME"), xla_conv(x, w, (1, 1), "SAME"),
                                    rtol=1e-6)
     assert [warning.category for warning in warned] == [RuntimeWarning], [str(m.message) for m in warned]
@@ -57,7 +57,7 @@ def test_a_library_that_does_not_load_is_one_warning_and_xla_convolutions(tmp_pa
     assert "pip install --no-build-isolation -e ." in message, message
 
 
-needs_onednn = pytest.mark.skipif(not conv.uses_onednn(), reason="oneDNN convolutions not in use here")
+needs_onednn = pytest.mark.skipif(not onednn.uses_onednn(), reason="oneDNN convolutions not in use here")
 
 
 def _hlo(f, *args):
@@ -73,9 +73,9 @@ def test_onednn_computes_the_weight_gradient_on_avx512_cpus_and_of_large_inputs(
             break
     # oneDNN's avx512_core: AVX-512 F, BW, VL and DQ
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-    limit = conv.XLA_WEIGHT_GRADIENT_MAX_SIZE
-    assert conv.onednn_weight_gradient(limit) == avx512
-    assert conv.onednn_weight_gradient(limit + 1)
+    limit = onednn.XLA_WEIGHT_GRADIENT_MAX_SIZE
+    assert onednn.onednn_weight_gradient(limit) == avx512
+    assert onednn.onednn_weight_gradient(limit + 1)
 
 
 @needs_onednn
@@ -88,7 +88,7 @@ def test_onednn_computes_the_weight_gradient_on_avx512_cpus_and_of_large_inputs(
     (1, 9, 9, 4, 4, 3, 2, ((2, 0), (1, 1))),
 ])
 def test_forward_and_gradients_match_xla(monkeypatch, weight_gradient, n, h, w, c, o, k, stride, padding):
-    monkeypatch.setattr(conv, "onednn_weight_gradient", lambda x_size: weight_gradient == "onednn")
+    monkeypatch.setattr(onednn, "onednn_weight_gradient", lambda x_size: weight_gradient == "onednn")
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kw, (k, k, c, o)) / np.sqrt(k * k * c)
@@ -112,11 +112,11 @@ def test_forward_and_gradients_match_xla(monkeypatch, weight_gradient, n, h, w, 
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("onednn", ["1", "0"])
+@pytest.mark.parametrize("variable", ["1", "0"])
 @pytest.mark.parametrize("n,h,w,c,o", [(2, 4, 4, 8, 8), (3, 5, 3, 4, 6), (1, 1, 1, 2, 3)])
-def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(monkeypatch, onednn, n, h, w, c, o):
+def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(monkeypatch, variable, n, h, w, c, o):
     """Values and both gradients of the four-phase form against the upsampled image convolved by XLA."""
-    monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", onednn)
+    monkeypatch.setenv("DIFFUSION_JAX_ONEDNN", variable)
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     x, kernel = jax.random.normal(kx, (n, h, w, c)), jax.random.normal(kw, (3, 3, c, o)) / np.sqrt(9 * c)
     cotangent = jax.random.normal(ky, (n, 2 * h, 2 * w, o))
@@ -130,7 +130,7 @@ def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(monkeypatch, onednn
     def ours(x, kernel):  # a new function each test, traced afresh under its DIFFUSION_JAX_ONEDNN
         return conv.upsample_conv(x, kernel)
 
-    assert ("onednn_conv_forward" in _hlo(ours, x, kernel)) == conv.uses_onednn()
+    assert ("onednn_conv_forward" in _hlo(ours, x, kernel)) == onednn.uses_onednn()
     np.testing.assert_allclose(jax.jit(ours)(x, kernel), upsampled(x, kernel), rtol=1e-5, atol=1e-5)
     grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
     for g, g_ref in zip(grads, jax.grad(loss(upsampled), argnums=(0, 1))(x, kernel)):
@@ -259,9 +259,9 @@ def test_the_inception_convolves_through_onednn():
 
 def test_a_program_over_several_devices_keeps_xla_convolutions():
     # A custom call carries no partitioning rule: sharded programs keep XLA's convolutions.
-    code = ("from diffusion_jax.models import conv\n"
+    code = ("from diffusion_jax.models import onednn\n"
             "import jax\n"
-            "assert jax.device_count() == 2 and not conv.uses_onednn()\n"
+            "assert jax.device_count() == 2 and not onednn.uses_onednn()\n"
             "print('ok')\n")
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

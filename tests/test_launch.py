@@ -22,4 +22,4 @@ def test_each_entry_point_prints_the_startup_line_before_its_work(tmp_path):
     first = result.stdout.splitlines()[0]
     assert first.startswith("JAX ") and "backend cpu, 2 device(s) (cpu)" in first
     assert "process 0 of 1" in first
-    assert "CPU convolutions: XLA" in first  # two devices: XLA's, as conv.uses_onednn says
+    assert "CPU convolutions: XLA" in first  # two devices: XLA's, as onednn.uses_onednn says

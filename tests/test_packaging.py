@@ -147,7 +147,7 @@ def test_without_a_compiler_the_package_installs_and_trains_on_xla_convolutions(
                      "--config.sample.every=0", "--config.eval.num_samples=0", PYTHONPATH=str(site))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "step 2/2" in trained.stdout, trained.stdout[-3000:]
-    checked = python(tmp_path, "-c", "import diffusion_jax; from diffusion_jax.models import conv; "
-                     "print(diffusion_jax.__file__, conv.onednn_available())", PYTHONPATH=str(site))
+    checked = python(tmp_path, "-c", "import diffusion_jax; from diffusion_jax.models import onednn; "
+                     "print(diffusion_jax.__file__, onednn.onednn_available())", PYTHONPATH=str(site))
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert checked.stdout.split() == [str(site / "diffusion_jax" / "__init__.py"), "False"]

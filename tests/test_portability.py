@@ -22,7 +22,7 @@ import scripts
 from configs import cifar10, ddpm256
 from diffusion_jax import sample_lib, train_lib
 from diffusion_jax.evaluation import inception, likelihood
-from diffusion_jax.models import conv
+from diffusion_jax.models import onednn
 
 PLATFORMS = ("tpu", "cuda")
 # custom calls that every platform's compiler implements: JAX's sharding annotations
@@ -44,7 +44,7 @@ def check_exports(jitted, *args):
 
 def test_the_programs_here_use_onednn_on_the_cpu():
     """The premise of the tests below: traced here, the programs contain oneDNN's calls for the CPU."""
-    if not conv.uses_onednn():
+    if not onednn.uses_onednn():
         pytest.skip("the oneDNN library is not in use on this host, so there is no CPU-only call to keep out")
     c = cifar10.get_config()
     model = train_lib.make_model(c)

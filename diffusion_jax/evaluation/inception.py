@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import errors, storage
+from diffusion_jax import errors, storage, xla_flags
 from diffusion_jax.errors import DataError
 from diffusion_jax.models import conv
 
@@ -329,6 +329,7 @@ class Extractor:
 
 
 def main(argv=None):
+    xla_flags.set_defaults()  # before JAX starts its backends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--convert", required=True, metavar="PTH", help="pytorch-fid's weights file")
     parser.add_argument("--out", required=True, metavar="NPZ", help="the .npz to write")
