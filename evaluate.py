@@ -90,7 +90,8 @@ def fid_mode():
 
 
 def reference_stats_mode():
-    from diffusion_jax import input_pipeline, storage, train_lib
+    from diffusion_jax import input_pipeline, storage
+    from diffusion_jax.progress import console
     from diffusion_jax.evaluation import report
 
     if FLAGS.dataset not in input_pipeline.DATASETS:
@@ -102,14 +103,15 @@ def reference_stats_mode():
                                  inception_weights=FLAGS.inception_weights)
     storage.check_shared(storage.path(evaluator.reference_path).parent)
     stats = evaluator.reference
-    train_lib.console(f"statistics of {FLAGS.dataset}/{FLAGS.split} ({stats.mu.shape[0]} features) in "
+    console(f"statistics of {FLAGS.dataset}/{FLAGS.split} ({stats.mu.shape[0]} features) in "
                              f"{evaluator.reference_path}")
 
 
 def nll_mode(jax):
     import numpy as np
 
-    from diffusion_jax import checkpoints, input_pipeline, sample_lib, storage, train_lib
+    from diffusion_jax import builders, checkpoints, input_pipeline, storage
+    from diffusion_jax.progress import Progress, console
     from diffusion_jax import config as config_lib
     from diffusion_jax.evaluation import likelihood, report
 
@@ -124,8 +126,9 @@ def nll_mode(jax):
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
-    result = likelihood.nll(config, params, images, jax.random.PRNGKey(FLAGS.seed), FLAGS.batch_size,
-                            progress=sample_lib.Progress("NLL"))
+    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config)), builders.make_schedule(config),
+                                 batch_size=FLAGS.batch_size, **builders.output_types(config))
+    result = bound(params, images, jax.random.PRNGKey(FLAGS.seed), progress=Progress("NLL"))
     report.print_nll(result, d.eval_split)
     report.write_json(out / "nll.json", {
         "nll_bpd": result.mean, "stderr": result.stderr, "num_images": len(result.bpd), "split": d.eval_split,
@@ -134,7 +137,7 @@ def nll_mode(jax):
         storage.save_npz(out / "rate_distortion.npz", t=np.arange(len(result.terms)), rate=result.rate(),
                          distortion=result.rmse, terms=result.terms, bpd=result.bpd)
         likelihood.plot_rate_distortion(result, out / "rate_distortion.png")
-        train_lib.console(f"wrote nll.json, rate_distortion.npz and rate_distortion.png to {out}")
+        console(f"wrote nll.json, rate_distortion.npz and rate_distortion.png to {out}")
 
 
 def main(argv):

@@ -138,7 +138,7 @@ def samples(jax, loaded, out):
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh
 
-    from diffusion_jax import image_io, sample_lib, storage, train_lib
+    from diffusion_jax import builders, image_io, progress, sample_lib, storage
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
@@ -153,13 +153,13 @@ def samples(jax, loaded, out):
         evaluator = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
                                      inception_weights=FLAGS.inception_weights)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    generate = sample_lib.Generator(config, train_lib.make_model(config), train_lib.make_schedule(config), mesh)
+    generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh)
     images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), out / "shards",
-                                         FLAGS.num_samples, FLAGS.batch_size, progress=sample_lib.Progress("samples"))
+                                         FLAGS.num_samples, FLAGS.batch_size, progress=progress.Progress("samples"))
     if jax.process_index() == 0:
         storage.save_npz(out / "samples.npz", images)
         image_io.save_grid(images[:64], out / "samples.png", scale=2)
-        train_lib.console(f"wrote {len(images)} samples to {out / 'samples.npz'} and samples.png")
+        progress.console(f"wrote {len(images)} samples to {out / 'samples.npz'} and samples.png")
     if evaluator is not None:
         multihost_utils.sync_global_devices("samples.npz written")
         if images is None:  # the other processes read what process 0 assembled
@@ -170,7 +170,8 @@ def samples(jax, loaded, out):
 
 
 def run(jax):
-    from diffusion_jax import checkpoints, figures, storage, train_lib
+    from diffusion_jax import checkpoints, figures, storage
+    from diffusion_jax.progress import console
     from diffusion_jax import config as config_lib
 
     check_mode_flags()
@@ -197,7 +198,7 @@ def run(jax):
         written = figures.interpolate_diffused(m, rng, out, FLAGS.num_samples, FLAGS.num_interp, t)
     else:
         written = figures.reconstruct(m, out, FLAGS.num_samples)
-    train_lib.console("wrote " + ", ".join(written))
+    console("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

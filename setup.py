@@ -5,7 +5,7 @@ installs its headers and ``libdnnl`` under the environment's prefix; requirement
 ``onednn`` extra on x86-64) and a C++17 compiler in the building environment, hence ``pip install
 --no-build-isolation -e .`` (the Makefile's install). Where any of them is missing, or the
 compile or link fails, the package installs without the library, saying so in one line on
-stderr, and runs every convolution through XLA (diffusion_jax/models/conv.py).
+stderr, and runs every convolution through XLA (diffusion_jax/models/onednn.py).
 """
 
 import os

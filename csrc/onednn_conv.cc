@@ -2,7 +2,7 @@
 //
 // XLA:CPU lowers a convolution to an im2col copy and a GEMM (Eigen); oneDNN's direct
 // convolutions skip the copy and run faster on the U-Net's shapes on this project's
-// CPU (benchmarks/README.md). Three handlers, called from diffusion_jax/models/conv.py under a
+// CPU (benchmarks/README.md). Three handlers, called from diffusion_jax/models/onednn.py under a
 // custom VJP: the forward convolution y = x * w, its input gradient dx (backward data) and its
 // weight gradient dw (backward weights). Layouts are the U-Net's: activations NHWC, weights
 // HWIO, float32; oneDNN reorders the weights (small) into its blocked layout each call and

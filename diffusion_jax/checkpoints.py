@@ -1,23 +1,176 @@
-"""A model to sample or evaluate: its config and parameters from a training workdir or a converted checkpoint.
+"""Checkpoints: the train state's Orbax I/O, resuming checks, and loading a model to sample or evaluate.
 
-Two kinds of checkpoint hold a model: a training run's (``WORKDIR/checkpoints/STEP``, with
-the run's config, raw and EMA parameters) and ``convert.py``'s output (one set of
-parameters and the network's shape, no diffusion settings). Both come back as the same
-``(config, params, source)``: the config of a training checkpoint is the run's; that of a converted
-one is the given config with the network and image shape of the checkpoint.
+A training run's checkpoints (``WORKDIR/checkpoints/STEP``, Orbax, saved asynchronously) hold
+the train state (step, params, EMA params, optimizer state, and the loss history when t is
+importance-sampled) with the run's config beside it. Reading takes the latest complete one
+that can be read; one that cannot is moved to ``WORKDIR/unreadable_checkpoints/`` (never
+deleted) and the one before it tried. A resumed run must have the checkpoint's network, and
+its other settings unless allowed.
+
+``load`` gives a model to sample or evaluate from either kind of checkpoint: a training run's,
+or ``convert.py``'s output (one set of parameters and the network's shape, no diffusion
+settings). Both come back as the same ``(config, params, source)``: the config of a training
+checkpoint is the run's; that of a converted one is the given config with the network and
+image shape of the checkpoint.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from diffusion_jax import builders, convert, errors, storage
 from diffusion_jax import config as config_lib
-from diffusion_jax import convert, errors, storage, train_lib
-from diffusion_jax.errors import CheckpointError, ConfigError
+from diffusion_jax.builders import TrainState
+from diffusion_jax.errors import CheckpointError, ConfigError, StorageError
+from diffusion_jax.progress import console
+
+# the keys of a config that fix the shapes of the parameters
+NETWORK_KEYS = ("model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
+                "model.resamp_with_conv", "data.channels", "diffusion.var_type")
+
+
+# what a resumed run may change without --allow_config_change: how long it runs; how often it logs,
+# saves, samples and evaluates; where its data is. Any other difference changes the run itself.
+RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.keep_period", "train.profile_steps", "data.data_dir", "sample.", "eval.")
+
+
+def check_resume_settings(config, saved_config: dict, allow_config_change: bool) -> list[str]:
+    """The settings in which ``config`` differs from the checkpoint's (beyond ``RESUMABLE_CHANGES``);
+    a ConfigError listing them unless ``allow_config_change``."""
+    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
+    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in ours
+                 if k in theirs and ours[k] != theirs[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if differing and not allow_config_change:
+        raise ConfigError("the workdir's checkpoint was trained with other settings: " + ", ".join(differing)
+                          + "; resume with the checkpoint's settings, or add --allow_config_change to go on with these")
+    return differing
+
+
+def check_resume_compatible(config, saved_config: dict) -> None:
+    """Refuse to resume a checkpoint whose network differs from the config's."""
+    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
+    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS if ours[k] != theirs[k]]
+    if differing:
+        raise ConfigError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
+                          + "; use a new --workdir or the checkpoint's settings")
+    theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # a config without the key: uniform
+    if config.diffusion.timestep_sampler != theirs:
+        raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
+                          f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
+    """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract)))
+    return TrainState(**manager.restore(step, args=args)["state"])
+
+
+def saved_tree(state: TrainState) -> dict:
+    """What a checkpoint holds of ``state``: its fields without those the run does not use (None),
+    so that a checkpoint holds only what its run trains."""
+    return {k: v for k, v in state._asdict().items() if v is not None}
+
+
+def checkpoint_manager(workdir: epath.Path, config, create: bool) -> ocp.CheckpointManager:
+    """The run's checkpoints, ``workdir/checkpoints`` (``workdir``: a ``storage.checkpoint_path``)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_period or None,
+        create=create, cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved beside the checkpoint of ``step``, as a dict."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def _on_any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+def _set_aside(manager: ocp.CheckpointManager, workdir: epath.Path, step: int, error: Exception) -> None:
+    """Move the unreadable checkpoint of ``step`` to ``WORKDIR/unreadable_checkpoints/`` (never delete it)."""
+    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    target = workdir / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "checkpoints" / str(step)).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoints._set_aside: step {step}")
+    manager.reload()
+    console(f"the checkpoint of step {step} cannot be read ({reason}); moved it to {target}")
+
+
+def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):
+    """``(step, read(step))`` of the latest checkpoint that ``read`` can read, or ``(None, None)`` if
+    there is none. Each that cannot be read (on any process) is set aside and the one before it
+    tried; a CheckpointError if checkpoints exist but none can be read."""
+    tried = sorted(manager.all_steps(), reverse=True)
+    for step in tried:
+        value, error = None, None
+        try:
+            value = read(step)
+        except errors.Error:  # the project's own verdicts (a config that does not fit) are not damage
+            raise
+        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
+            error = e
+        if not _on_any_process(error is not None):
+            return step, value
+        _set_aside(manager, workdir, step, error or RuntimeError("unreadable on another process"))
+    if tried:
+        raise CheckpointError(f"none of the checkpoints of steps {sorted(tried)} in {workdir / 'checkpoints'} can be "
+                              f"read; they were moved to {workdir / 'unreadable_checkpoints'}. Start a new --workdir, "
+                              "or restore them from a copy")
+    return None, None
+
+
+class Saves:
+    """The run's asynchronous checkpoint saves. Orbax hands the error of a save that failed in the
+    background (a full disk, a lost bucket) to the next call on the manager; here it becomes a
+    StorageError naming that save's step and directory, seen after the next step (``check``), at
+    the next save or at the end. The save fails whole: the checkpoints before it stay intact."""
+
+    def __init__(self, manager: ocp.CheckpointManager):
+        self.manager, self.in_flight = manager, None
+
+    def _guard(self, call, step: int | None = None):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001  (whatever a failed write raised, in Orbax's words)
+            failed = self.in_flight if self.in_flight is not None else step
+            if failed is None:
+                raise
+            self.in_flight = None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: {reason}; "
+                               "the checkpoints before it are intact") from e
+
+    def save(self, step: int, args) -> None:
+        self._guard(lambda: self.manager.save(step, args=args, force=True), step)
+        self.in_flight = step
+
+    def check(self) -> None:
+        if self.in_flight is not None:
+            self._guard(self.manager.check_for_errors)
+
+    def finish(self) -> None:
+        self._guard(self.manager.wait_until_finished)
+        self.in_flight = None
+
+
 
 PARAMS = ("ema", "raw")
 
@@ -52,15 +205,16 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
             config.update(saved)  # keys added to the schema since the run keep their defaults
         else:
             config = given
-            train_lib.check_resume_compatible(config, saved)
-        return config, train_lib.restore_state(manager, step, train_lib.Trainer(config).abstract_state())
+            check_resume_compatible(config, saved)
+        replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+        return config, restore_state(manager, step, builders.abstract_state(config, replicated))
 
     with ocp.CheckpointManager(directory, options=options) as manager:
         steps = manager.all_steps()
         if not steps:
             raise CheckpointError(f"{directory} holds no complete checkpoint")
         if step is None:  # the latest readable one; an unreadable one is set aside as train.py does
-            step, (config, state) = train_lib.latest_readable(manager, workdir, read)
+            step, (config, state) = latest_readable(manager, workdir, read)
         elif step not in steps:
             raise CheckpointError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
         else:
@@ -81,7 +235,7 @@ def _converted(path: epath.Path, which: str, config):
                           "apply (convert.py --raw chooses the raw TF weights when converting)")
     params, unet, image_shape = convert.load(path)
     config = config_lib.base() if config is None else ml_collections.ConfigDict(config.to_dict())
-    expected = config_lib.out_channels(config)
+    expected = builders.out_channels(config)
     channels = image_shape[2]
     if channels != config.data.channels or unet.out_ch != expected:
         raise ConfigError(f"{path} does not fit the config: the network takes {channels} channels and outputs "

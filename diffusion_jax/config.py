@@ -31,9 +31,10 @@ def base() -> ml_collections.ConfigDict:
     c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                    ema_decay=0.9999, ema_warmup=False)
     # batch_size is global (all devices of all processes); a checkpoint every checkpoint_every
-    # steps, the last keep_checkpoints kept, and every keep_period-th kept for good (0: none)
+    # steps, the last keep_checkpoints kept, and every keep_period-th kept for good (0: none);
+    # profile_steps > 0: a jax.profiler trace of that many steps after the first, in WORKDIR/tensorboard
     c.train = dict(batch_size=128, num_steps=800_000, log_every=100, checkpoint_every=10_000,
-                   keep_checkpoints=3, keep_period=0)
+                   keep_checkpoints=3, keep_period=0, profile_steps=0)
     # the sampler of grids during training and the default of sample.py, one of sampler_registry's:
     # 'ddpm' (ancestral), 'ddim' (eta 0: deterministic, 1: DDPM-like) or 'dpm_solver++' (multistep of
     # `order` 2 or 3), on `steps` timesteps of `spacing` (each sampler's own, see the registry); x_0
@@ -61,11 +62,6 @@ def flatten(config, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
     return flat
-
-
-def out_channels(config) -> int:
-    learned = config.diffusion.var_type in ("learned", "learned_range")
-    return config.data.channels * (2 if learned else 1)
 
 
 def validate(config, num_devices: int, num_processes: int) -> None:

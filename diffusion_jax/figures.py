@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from diffusion_jax import image_io, input_pipeline, sample_lib, samplers, storage, train_lib
+from diffusion_jax import builders, image_io, input_pipeline, sample_lib, samplers, storage
 from diffusion_jax.errors import DataError
+from diffusion_jax.progress import console
 
 NUM_RECORDED = 10  # columns of the progressive figure
 
@@ -25,7 +26,7 @@ class Model:
 
     def __init__(self, config, params):
         self.config, self.params = config, params
-        self.net, self.sched = train_lib.make_model(config), train_lib.make_schedule(config)
+        self.net, self.sched = builders.make_model(config), builders.make_schedule(config)
         self.types = dict(mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)
 
     def model_fn(self, params):
@@ -41,7 +42,7 @@ class Model:
         images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
         if len(images) < num:
             raise DataError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than {num}")
-        return images[:num].astype(np.float32) / 127.5 - 1.0
+        return image_io.from_uint8(images[:num])
 
 
 def _save(out: epath.Path, name: str, images, columns: int) -> str:
@@ -126,5 +127,5 @@ def reconstruct(m: Model, out: epath.Path, num: int) -> list[str]:
     rmse = float(jnp.sqrt(jnp.mean(jnp.square((back - x0) * 127.5))))
     if jax.process_index() == 0:
         storage.write_json(out / "reconstruct.json", {"rmse_0_255": rmse, "steps": len(steps), "images": num})
-    train_lib.console(f"reconstruction RMSE over {num} test images ([0, 255] scale): {rmse:.3f}")
+    console(f"reconstruction RMSE over {num} test images ([0, 255] scale): {rmse:.3f}")
     return [_save(out, "reconstruct", jnp.concatenate([x0, back]), num)]

@@ -16,17 +16,31 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def save_grid(images: np.ndarray, path, *, columns: int | None = None, scale: int = 1) -> None:
-    """Write uint8 NHWC images (C = 1 or 3) as one PNG grid with a 1-pixel gap, enlarged ``scale`` times,
-    to ``path`` (any filesystem of ``storage``)."""
+def from_uint8(images):
+    """uint8 images (NumPy or JAX) to model space: x / 127.5 - 1, in [-1, 1] (the DDPM code's data scaling)."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def grid(images: np.ndarray, *, columns: int | None = None, scale: int = 1) -> np.ndarray:
+    """uint8 NHWC images (C = 1 or 3) as one uint8 [H, W, C] grid with a 1-pixel white gap, enlarged
+    ``scale`` times."""
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 255, np.uint8)
+    out = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 255, np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        out[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
+    return out.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG to ``path`` (any filesystem of ``storage``)."""
     png = io.BytesIO()
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(png, format="PNG")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
     storage.write_bytes(storage.path(path), png.getvalue())
+
+
+def save_grid(images: np.ndarray, path, *, columns: int | None = None, scale: int = 1) -> None:
+    """Write uint8 NHWC images as one PNG grid (``grid``) to ``path``."""
+    save_png(grid(images, columns=columns, scale=scale), path)

@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from diffusion_jax import image_io
 from diffusion_jax.errors import ConfigError, DataError
 
 # name -> (tfds name, image feature); "digits" is the embedded offline default
@@ -143,7 +144,7 @@ def make_batch(images: np.ndarray, step: int, *, batch_size: int, seed: int, ran
     if randflip:
         flip = np.random.default_rng([seed, process_index, step, 1]).random(batch_size) < 0.5
         x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    return x.astype(np.float32) / 127.5 - 1.0
+    return image_io.from_uint8(x)
 
 
 class Prefetcher:

@@ -14,12 +14,13 @@ import difflib
 import glob
 import importlib.util
 import os
+import signal
 import sys
 
 import ml_collections
 from absl import flags
 
-from diffusion_jax import errors
+from diffusion_jax import errors, interrupts
 from diffusion_jax.errors import ConfigError
 
 DEVICE_FILES = ("/dev/accel*", "/dev/nvidia*")
@@ -85,12 +86,17 @@ def start(flag_values) -> None:
 @contextlib.contextmanager
 def one_line_errors():
     """The project's errors (``errors.Error``) as ``error: <message>`` on stderr and their kind's exit
-    status; any other exception, a bug, keeps its traceback."""
+    status; a run stopped by a signal as ``interrupted by SIGNAL: <what was saved>``, ending by that
+    signal (``interrupts.exit_by``); any other exception, a bug, keeps its traceback."""
     try:
         yield
     except errors.Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)
+    except (interrupts.Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: {str(e) or 'stopped at once'}", file=sys.stderr)
+        interrupts.exit_by(signum)
 
 
 def _config_file(spec: str):

@@ -179,7 +179,7 @@ def check_loss_type(loss_type: str, var_type: str) -> None:
     """Raise a ValueError for an unknown loss type or one that does not fit the variance."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
-    learned = var_type in ("learned", "learned_range")
+    learned = var_type in sch.LEARNED_VAR_TYPES
     if loss_type == "hybrid" and not learned:
         raise ValueError(
             f"loss_type 'hybrid' trains a learned variance; model_var_type is {var_type!r}, "

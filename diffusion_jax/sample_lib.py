@@ -8,8 +8,6 @@ process, and resume after the last complete one.
 
 from __future__ import annotations
 
-import sys
-import time
 
 import jax
 import numpy as np
@@ -135,23 +133,3 @@ def sample_to_shards(generate: Generator, params, rng, directory: epath.Path, nu
                 assembled = np.empty((total * batch_size,) + piece["images"].shape[1:], np.uint8)
             assembled[index * batch_size + piece["rows"]] = piece["images"]
     return assembled[:num]
-
-
-class Progress:
-    """A console progress line, ``done/total`` with the rate and ETA from the batches after the first (compiling)."""
-
-    def __init__(self, label: str):
-        self.label, self._first = label, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if jax.process_index() != 0:
-            return
-        now, line = time.perf_counter(), f"{self.label}: {done}/{total}"
-        if self._first is None:
-            self._first = (now, done)
-        elif done > self._first[1]:
-            rate = (done - self._first[1]) / (now - self._first[0])
-            eta = (total - done) / rate
-            line += f"  {rate:.2f} img/s  ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
-        end = "\n" if done == total or not sys.stdout.isatty() else "\r"
-        print(line.ljust(60), end=end, flush=True)

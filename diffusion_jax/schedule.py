@@ -29,6 +29,7 @@ import numpy as np
 SCHEDULES: dict[str, Callable[..., np.ndarray]] = {}
 MEAN_TYPES = ("eps", "x0", "mean", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs the variance as well as the mean
 
 # Largest beta kept by the `cosine` and `jsd` schedules (improved DDPM section 3.2):
 # beta = 1 would make alpha-bar_T = 0 and the eps -> x_0 conversion infinite.
@@ -338,11 +339,16 @@ def training_target(sched: Schedule, x0, x_t, t, noise, mean_type: str):
     return get_v(sched, x0, t, noise)
 
 
+def output_channels(channels: int, var_type: str) -> int:
+    """The network's output channels for images of ``channels``: 2C when it learns the variance too."""
+    return channels * (2 if var_type in LEARNED_VAR_TYPES else 1)
+
+
 def split_model_output(model_output, x_t, var_type: str):
     """Split [B, ..., C] or [B, ..., 2C] output into (mean part, variance part or None)."""
     check_types(var_type=var_type)
-    learned = var_type in ("learned", "learned_range")
-    expected = x_t.shape[:-1] + (x_t.shape[-1] * (2 if learned else 1),)
+    learned = var_type in LEARNED_VAR_TYPES
+    expected = x_t.shape[:-1] + (output_channels(x_t.shape[-1], var_type),)
     if model_output.shape != expected:
         raise ValueError(
             f"model output has shape {model_output.shape}; var_type {var_type!r} with x_t of "

@@ -1,4 +1,4 @@
-"""Training: the train state, the pure train step, and the loop around it.
+"""Training: the pure train step, the compiled pieces of a run, and the loop around them.
 
 One program for one CPU, eight GPUs or a TPU pod: a one-axis ``Mesh('data')`` over every
 device of every process; the global batch is sharded on ``data``, the state replicated and
@@ -6,22 +6,20 @@ donated. Randomness is stateless: step s draws from ``fold_in(key, s)``, and the
 step s is a function of (seed, step) (see ``input_pipeline``), so a resumed run continues
 exactly the interrupted one.
 
-Checkpoints (Orbax, async) hold step, params, EMA params and optimizer state (and the loss
-history when t is importance-sampled), with the config beside them; a run with the same
-``workdir`` resumes from the latest complete one, onto any number of devices. SIGTERM saves
-the current step and exits cleanly. A non-finite loss or gradient leaves the parameters
-untouched and stops the run at the next check (every ``log_every`` steps and before each
-save), naming the step.
+The loop runs its periodic actions from one list: the log line and TensorBoard scalars
+(``train.log_every``), the checkpoint (``train.checkpoint_every``, ``checkpoints``) and the
+evaluators (``evaluation.evaluators``: sample grids, FID/IS, NLL, the quickstart's quality
+figure), each with its period and all at the last step. SIGINT and SIGTERM in the loop save
+the current step and stop (``interrupts``). A non-finite loss or gradient leaves the parameters
+untouched and stops the run at the next log or save, naming the step.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import signal
-import socket
 import time
-from typing import Any, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,83 +30,39 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.plugins.scalar.summary_v2 import scalar_pb
-from tensorboard.summary.writer.record_writer import RecordWriter
 
-from diffusion_jax import config as config_lib
 from diffusion_jax import (
-    errors,
+    builders,
+    checkpoints,
     image_io,
     input_pipeline,
+    interrupts,
     losses,
     run_lock,
     sample_lib,
     schedule,
     storage,
+    summaries,
     timestep_sampler,
 )
-from diffusion_jax.errors import CheckpointError, ConfigError, NonFiniteError, StorageError
-from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
+from diffusion_jax import config as config_lib
+from diffusion_jax.builders import TrainState
+from diffusion_jax.errors import NonFiniteError, StorageError
+from diffusion_jax.evaluation import evaluators as evaluators_lib
 from diffusion_jax.models.unet import UNet
-
-# the keys of a config that fix the shapes of the parameters
-NETWORK_KEYS = ("model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-                "model.resamp_with_conv", "data.channels", "diffusion.var_type")
-
-
-class TrainState(NamedTuple):
-    step: jnp.ndarray  # int32 []
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
-    loss_history: Any = None  # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
-
-
-def make_model(config) -> UNet:
-    m = config.model
-    return UNet(ch=m.ch, out_ch=config_lib.out_channels(config), ch_mult=tuple(m.ch_mult),
-                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-                resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
-
-
-def make_schedule(config) -> schedule.Schedule:
-    d = config.diffusion
-    return schedule.make_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
-
-
-def learning_rate(config):
-    """Linear warmup from 0 over ``warmup_steps``, then constant (the DDPM code's schedule)."""
-    o = config.optim
-    return optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else optax.constant_schedule(o.lr)
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    o = config.optim
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adam(learning_rate(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
-
-
-def init_state(config, model: UNet, tx, rng) -> TrainState:
-    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
-    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32))["params"]
-    d = config.diffusion
-    history = timestep_sampler.init_history(d.num_timesteps) if d.timestep_sampler != "uniform" else None
-    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32),
-                      history)
+from diffusion_jax.progress import console, duration
 
 
 def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Schedule, tx, config):
-    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA.
+    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA; returns the new state
+    and the step's metrics (the loss, and its sum and count per quarter of the timestep range).
 
     With ``diffusion.timestep_sampler = 'loss-second-moment'`` t is importance-sampled from the
     loss history and each example's loss weighted by 1 / (T p_t) (improved DDPM section 3.3).
     """
     dropout_rng, diffusion_rng = jax.random.split(jax.random.fold_in(rng, state.step))
     d = config.diffusion
-    lr = learning_rate(config)(state.step)
+    lr = builders.learning_rate(config)(state.step)
     t_rng, noise_rng = jax.random.split(diffusion_rng)
     if state.loss_history is None:
         t = jax.random.randint(t_rng, (batch.shape[0],), 0, sched.num_timesteps)
@@ -144,7 +98,9 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
     state = jax.lax.cond(finite, update, lambda state: state, state)
     state = state._replace(step=state.step + 1,
                            bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
-    return state, dict(loss=loss, grad_norm=grad_norm, lr=lr)
+    in_quarter = jax.nn.one_hot(t * 4 // sched.num_timesteps, 4)  # [B, 4]: which quarter of [0, T) t is in
+    return state, dict(loss=loss, grad_norm=grad_norm, lr=lr, loss_sum_by_quarter=per_example @ in_quarter,
+                       count_by_quarter=jnp.sum(in_quarter, axis=0))
 
 
 class Trainer:
@@ -152,14 +108,14 @@ class Trainer:
 
     def __init__(self, config):
         self.config = config
-        self.model = make_model(config)
-        self.sched = make_schedule(config)
-        self.tx = make_optimizer(config)
+        self.model = builders.make_model(config)
+        self.sched = builders.make_schedule(config)
+        self.tx = builders.make_optimizer(config)
         self.mesh = Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         # runs once: XLA's backend optimizes the random draws less; the same values, ~3 s of 10 sooner
-        self.init = jax.jit(functools.partial(init_state, config, self.model, self.tx),
+        self.init = jax.jit(functools.partial(builders.init_state, config, self.model, self.tx),
                             out_shardings=self.replicated,
                             compiler_options={"xla_backend_optimization_level": 1})
         self.step = jax.jit(
@@ -168,210 +124,11 @@ class Trainer:
             out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
         self.generate = sample_lib.Generator(config, self.model, self.sched, self.mesh)
 
-    def abstract_state(self):
-        shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0))
-        return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
+    def abstract_state(self) -> TrainState:
+        return builders.abstract_state(self.config, self.replicated)
 
     def global_batch(self, local_batch: np.ndarray):
         return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
-
-
-# what a resumed run may change without --allow_config_change: how long it runs; how often it logs,
-# saves, samples and evaluates; where its data is. Any other difference changes the run itself.
-RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.keep_period", "data.data_dir", "sample.", "eval.")
-
-
-def check_resume_settings(config, saved_config: dict, allow_config_change: bool) -> list[str]:
-    """The settings in which ``config`` differs from the checkpoint's (beyond ``RESUMABLE_CHANGES``);
-    a ConfigError listing them unless ``allow_config_change``."""
-    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
-    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in ours
-                 if k in theirs and ours[k] != theirs[k] and not k.startswith(RESUMABLE_CHANGES)]
-    if differing and not allow_config_change:
-        raise ConfigError("the workdir's checkpoint was trained with other settings: " + ", ".join(differing)
-                          + "; resume with the checkpoint's settings, or add --allow_config_change to go on with these")
-    return differing
-
-
-def check_resume_compatible(config, saved_config: dict) -> None:
-    """Refuse to resume a checkpoint whose network differs from the config's."""
-    ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
-    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS if ours[k] != theirs[k]]
-    if differing:
-        raise ConfigError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
-                          + "; use a new --workdir or the checkpoint's settings")
-    theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # runs older than the key were uniform
-    if config.diffusion.timestep_sampler != theirs:
-        raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
-                          f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
-
-
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
-    """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract)))
-    return TrainState(**manager.restore(step, args=args)["state"])
-
-
-def saved_tree(state: TrainState) -> dict:
-    """What a checkpoint holds of ``state``: its fields without those the run does not use (None),
-    so that checkpoints of runs without a loss history read as before the field existed."""
-    return {k: v for k, v in state._asdict().items() if v is not None}
-
-
-def checkpoint_manager(workdir: epath.Path, config, create: bool) -> ocp.CheckpointManager:
-    """The run's checkpoints, ``workdir/checkpoints`` (``workdir``: a ``storage.checkpoint_path``)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_period or None,
-        create=create, cleanup_tmp_directories=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
-
-
-def _restore_config(manager, step) -> dict:
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-
-def _on_any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
-
-
-def _set_aside(manager: ocp.CheckpointManager, workdir: epath.Path, step: int, error: Exception) -> None:
-    """Move the unreadable checkpoint of ``step`` to ``WORKDIR/unreadable_checkpoints/`` (never delete it)."""
-    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-    target = workdir / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    if jax.process_index() == 0:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (workdir / "checkpoints" / str(step)).rename(target)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"train_lib._set_aside: step {step}")
-    manager.reload()
-    console(f"the checkpoint of step {step} cannot be read ({reason}); moved it to {target}")
-
-
-def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):
-    """``(step, read(step))`` of the latest checkpoint that ``read`` can read, or ``(None, None)`` if
-    there is none. Each that cannot be read (on any process) is set aside and the one before it
-    tried; a CheckpointError if checkpoints exist but none can be read."""
-    tried = sorted(manager.all_steps(), reverse=True)
-    for step in tried:
-        value, error = None, None
-        try:
-            value = read(step)
-        except errors.Error:  # the project's own verdicts (a config that does not fit) are not damage
-            raise
-        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
-            error = e
-        if not _on_any_process(error is not None):
-            return step, value
-        _set_aside(manager, workdir, step, error or RuntimeError("unreadable on another process"))
-    if tried:
-        raise CheckpointError(f"none of the checkpoints of steps {sorted(tried)} in {workdir / 'checkpoints'} can be "
-                              f"read; they were moved to {workdir / 'unreadable_checkpoints'}. Start a new --workdir, "
-                              "or restore them from a copy")
-    return None, None
-
-
-class _Saves:
-    """The run's asynchronous checkpoint saves. Orbax hands the error of a save that failed in the
-    background (a full disk, a lost bucket) to the next call on the manager; here it becomes a
-    StorageError naming that save's step and directory, seen after the next step (``check``), at
-    the next save or at the end. The save fails whole: the checkpoints before it stay intact."""
-
-    def __init__(self, manager: ocp.CheckpointManager):
-        self.manager, self.in_flight = manager, None
-
-    def _guard(self, call, step: int | None = None):
-        try:
-            return call()
-        except Exception as e:  # noqa: BLE001  (whatever a failed write raised, in Orbax's words)
-            failed = self.in_flight if self.in_flight is not None else step
-            if failed is None:
-                raise
-            self.in_flight = None
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: {reason}; "
-                               "the checkpoints before it are intact") from e
-
-    def save(self, step: int, args) -> None:
-        self._guard(lambda: self.manager.save(step, args=args, force=True), step)
-        self.in_flight = step
-
-    def check(self) -> None:
-        if self.in_flight is not None:
-            self._guard(self.manager.check_for_errors)
-
-    def finish(self) -> None:
-        self._guard(self.manager.wait_until_finished)
-        self.in_flight = None
-
-
-class _Preemption:
-    """SIGTERM (or, across processes, JAX's preemption sync point) asks for a save and exit."""
-
-    def __init__(self, manager):
-        self.manager, self.requested = manager, False
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __call__(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return self.manager.reached_preemption(step)
-        return self.requested
-
-    def close(self):
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def console(message: str) -> None:
-    """A progress line on the console, from process 0."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def _check_finite(state: TrainState, last_good: int | None) -> None:
-    bad = int(state.bad_step)  # the index of the step, from 0; the console counts the steps done, from 1
-    if bad >= 0:
-        raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated from then "
-                             f"on and nothing after it was saved (last good checkpoint: step {last_good})")
-
-
-class _Writer:
-    """TensorBoard scalars (process 0 only), in the events file format of ``tf.summary.scalar``.
-
-    It writes Event records with TensorBoard's own ``RecordWriter`` and ``scalar_pb`` and so
-    does not import TensorFlow (~5 s of every train.py start for ``tf.summary``); ``epath``
-    opens local and gs:// workdirs alike.
-    """
-
-    def __init__(self, workdir: epath.Path):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            directory = workdir / "tensorboard"
-            directory.mkdir(parents=True, exist_ok=True)
-            name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
-            self._records = RecordWriter((directory / name).open("wb"))
-            self._write(Event(file_version="brain.Event:2"))
-
-    def _write(self, event) -> None:
-        event.wall_time = time.time()
-        self._records.write(event.SerializeToString())
-        self._records.flush()
-
-    def scalars(self, step: int, values: dict) -> None:
-        if self.enabled:
-            scalars = [v for name, value in values.items() for v in scalar_pb(name, value).value]
-            self._write(Event(step=step, summary=Summary(value=scalars)))
-
-    def close(self) -> None:
-        if self.enabled:
-            self._records.close()
 
 
 def _take_lock(workdir: epath.Path, take_over: bool) -> run_lock.RunLock | None:
@@ -395,12 +152,137 @@ def _record_start(workdir: epath.Path, config, lock: run_lock.RunLock) -> None:
     storage.write_json(workdir / "configs" / f"{started}-{lock.owner['run_id']}.json", config.to_dict())
 
 
+def _check_finite(state: TrainState, last_good: int | None) -> None:
+    bad = int(state.bad_step)  # the index of the step, from 0; the console counts the steps done, from 1
+    if bad >= 0:
+        raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated from then "
+                             f"on and nothing after it was saved (last good checkpoint: step {last_good})")
+
+
+class _Log:
+    """The log action: the means of the metrics since the last log, on the console and in TensorBoard,
+    with the rate (measured from the end of the run's first step, compilation and evaluations left
+    out) and the ETA."""
+
+    def __init__(self, writer: summaries.Writer, batch_size: int, num_steps: int, num_timesteps: int):
+        self.writer, self.batch_size, self.num_steps, self.T = writer, batch_size, num_steps, num_timesteps
+        self.pending, self.tick, self.tick_step = [], time.perf_counter(), None
+
+    def leave_out(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation's) out of the next rate."""
+        self.tick += seconds
+
+    def first_step_done(self, done: int) -> None:
+        now = time.perf_counter()
+        console(f"compiled and ran the first step in {now - self.tick:.1f} s (the rates below leave it out)")
+        self.tick, self.tick_step = now, done
+
+    def __call__(self, done: int, state: TrainState) -> None:
+        fetched = jax.device_get(self.pending)  # one transfer for the interval's metrics
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm", "lr")}
+        sums, counts = (np.sum([m[k] for m in fetched], axis=0) for k in ("loss_sum_by_quarter", "count_by_quarter"))
+        for q in range(4):  # the loss where t is in each quarter of [0, T), over the interval's examples
+            if counts[q]:
+                means[f"loss_by_t/{q * self.T // 4}-{(q + 1) * self.T // 4 - 1}"] = float(sums[q] / counts[q])
+        now = time.perf_counter()
+        line = f"step {done}/{self.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  " \
+               f"lr {means['lr']:.2e}"
+        if self.tick_step is not None and done > self.tick_step:
+            rate = (done - self.tick_step) / (now - self.tick)
+            means.update(steps_per_sec=rate, images_per_sec=rate * self.batch_size)
+            line += f"  {rate:.2f} steps/s  {rate * self.batch_size:.1f} img/s  " \
+                    f"ETA {duration((self.num_steps - done) / rate)}"
+        self.writer.scalars(done, means)
+        console(line)
+        self.pending, self.tick, self.tick_step = [], now, done
+
+
+class _Periodic(NamedTuple):
+    every: int  # 0: never (but at a stop, if ``at_stop``)
+    run: Callable[[int, TrainState], None]  # (steps done, state)
+    at_stop: bool = False  # also when a signal stops the run (the log and the checkpoint)
+
+    def due(self, done: int, num_steps: int) -> bool:
+        return bool(self.every) and (done % self.every == 0 or done == num_steps)
+
+
+def make_evaluators(config, trainer: Trainer, images: np.ndarray, heldout: np.ndarray | None,
+                    init_rng) -> list[evaluators_lib.Evaluator]:
+    """The evaluators of ``config.sample`` and ``config.eval`` (the Inception network is loaded only if
+    FID is asked for)."""
+    s, e, T = config.sample, config.eval, config.train.num_steps
+    found = []
+    if s.every:
+        found.append(evaluators_lib.SampleGrid(s.every, trainer.generate, s.num))
+    if e.every and e.fid_samples:
+        from diffusion_jax.evaluation import report
+
+        scorer = report.Evaluator(config.data, reference_stats=e.reference_stats, inception_weights=e.inception_weights)
+        found.append(evaluators_lib.FidIs(e.every, trainer.generate, scorer, e.fid_samples, e.batch_size))
+    if e.every and e.nll_images:
+        from diffusion_jax.evaluation import likelihood
+
+        bound = likelihood.Evaluator(builders.apply_fn(trainer.model), trainer.sched, batch_size=e.batch_size,
+                                     **builders.output_types(config))
+        found.append(evaluators_lib.Nll(e.every, bound, heldout[:e.nll_images]))
+    if e.num_samples:
+        n = min(e.num_samples, len(heldout))
+        n -= n % jax.device_count()
+        # the untrained network: the same initialization, run again (the first state was donated)
+        found.append(evaluators_lib.SlicedWasserstein(T, trainer.generate, images, heldout, n,
+                                                      lambda: trainer.init(init_rng).params))
+    return found
+
+
+def _evaluate(evaluator, workdir: epath.Path, writer: summaries.Writer, log: _Log, rng, done: int,
+              state: TrainState) -> None:
+    began = time.perf_counter()
+    values = evaluator.run(state.ema_params, rng)
+    images = {k: v for k, v in values.items() if isinstance(v, np.ndarray) and v.ndim == 3}
+    scalars = {k: v for k, v in values.items() if k not in images}
+    writer.scalars(done, scalars)
+    writer.images(done, images)
+    if jax.process_index() == 0:
+        for name, image in images.items():
+            image_io.save_png(image, workdir / "samples" / (f"step_{done:08d}.png" if name == "samples" else
+                                                            f"{name}.png"))
+    line = evaluator.line(values)
+    if line:
+        console(f"step {done}: {line}")
+    log.leave_out(time.perf_counter() - began)
+
+
+def _profile(workdir: epath.Path, first: int, num: int):
+    """A ``jax.profiler`` trace of steps ``first`` + 1 .. ``first`` + ``num`` in the TensorBoard
+    directory (its Profile tab): ``(step, state)`` is called after each step."""
+    directory = str(workdir / "tensorboard")
+
+    def after(step: int, state: TrainState) -> None:
+        if step == first:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(directory)
+        elif step == first + num:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            console(f"profiled steps {first + 1}-{first + num}: {directory} (TensorBoard's Profile tab)")
+
+    return after
+
+
 def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
                        allow_config_change: bool = False) -> TrainState:
     """Train (or resume) the run of ``config`` in ``workdir`` (local or gs://); returns the final state.
 
     ``take_over_lock``: take over a stale lock of another run (``run_lock``); ``allow_config_change``:
-    resume a checkpoint trained with other settings (``check_resume_settings``)."""
+    resume a checkpoint trained with other settings (``checkpoints.check_resume_settings``). SIGINT and
+    SIGTERM raise ``interrupts.Interrupted``: at once before the loop, after saving the current step in it."""
+    one_process = jax.process_count() == 1
+    with interrupts.Signals((signal.SIGINT, signal.SIGTERM) if one_process else (signal.SIGINT,)) as signals:
+        return _train_and_evaluate(config, workdir, signals, take_over_lock, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_over_lock: bool,
+                        allow_config_change: bool) -> TrainState:
     config_lib.validate(config, jax.device_count(), jax.process_count())
     workdir = storage.checkpoint_path(workdir)
     storage.check_reachable(workdir, what="workdir")
@@ -413,11 +295,12 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
         if (workdir / "checkpoints").is_dir():
-            with checkpoint_manager(workdir, config, create=False) as manager:
-                _, saved = latest_readable(manager, workdir, lambda step: _restore_config(manager, step))
+            with checkpoints.checkpoint_manager(workdir, config, create=False) as manager:
+                _, saved = checkpoints.latest_readable(manager, workdir,
+                                                       lambda step: checkpoints.restore_config(manager, step))
                 if saved is not None:
-                    check_resume_compatible(config, saved)
-                    changed = check_resume_settings(config, saved, allow_config_change)
+                    checkpoints.check_resume_compatible(config, saved)
+                    changed = checkpoints.check_resume_settings(config, saved, allow_config_change)
                     if changed:
                         console("going on with changed settings: " + ", ".join(changed))
         if lock is not None:
@@ -429,72 +312,66 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
             heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
 
         trainer = Trainer(config)
-        periodic_eval = None
-        if config.eval.every:  # the Inception network and its weights are loaded only when asked for
-            from diffusion_jax.evaluation import report
-
-            periodic_eval = report.PeriodicEval(config, trainer.generate, heldout)
         init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+        evaluators = make_evaluators(config, trainer, images, heldout, init_rng)
         storage.check_shared(workdir)
-        manager = checkpoint_manager(workdir, config, create=True)
+        manager = checkpoints.checkpoint_manager(workdir, config, create=True)
         state = trainer.init(init_rng)
         abstract = trainer.abstract_state()
-        last_good, restored = latest_readable(manager, workdir, lambda step: restore_state(manager, step, abstract))
+        last_good, restored = checkpoints.latest_readable(
+            manager, workdir, lambda step: checkpoints.restore_state(manager, step, abstract))
         if last_good is not None:
             state = restored
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
         start = int(state.step)
-        writer = _Writer(workdir)
-        preemption, saves = _Preemption(manager), _Saves(manager)
+        writer = summaries.Writer(workdir / "tensorboard")
+        writer.hparams(config_lib.flatten(config), ("loss", "eval/fid", "eval/inception_score", "eval/nll_bpd",
+                                                    "swd/ema_model"))
+        saves = checkpoints.Saves(manager)
+        log = _Log(writer, t.batch_size, t.num_steps, config.diffusion.num_timesteps)
+
+        def save(done: int, state: TrainState) -> None:
+            nonlocal last_good
+            _check_finite(state, last_good)
+            if lock is not None:
+                lock.refresh()  # still this run's workdir: another may have taken over its lock
+            saves.save(done, ocp.args.Composite(state=ocp.args.StandardSave(checkpoints.saved_tree(state)),
+                                                config=ocp.args.JsonSave(config.to_dict())))
+            last_good = done
+
+        def log_finite(done: int, state: TrainState) -> None:
+            _check_finite(state, last_good)
+            log(done, state)
+
+        periodic = [_Periodic(t.log_every, log_finite, at_stop=True), _Periodic(t.checkpoint_every, save, at_stop=True)]
+        periodic += [_Periodic(e.every, functools.partial(_evaluate, e, workdir, writer, log, sample_rng)) for e in evaluators]
+        if t.profile_steps:
+            periodic.append(_Periodic(1, _profile(workdir, start + 1, t.profile_steps)))
         prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
                                              randflip=d.randflip, process_index=process)
-        pending, tick, tick_step = [], time.perf_counter(), start
+        if start < t.num_steps:
+            console(f"compiling the train step (step {start + 1} of {t.num_steps} next)")
         try:
             for step in range(start, t.num_steps):
                 state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
-                pending.append(metrics)
+                log.pending.append(metrics)
                 saves.check()
                 if lock is not None:
                     lock.refresh(every=run_lock.REFRESH_SECONDS)
                 done = step + 1
-                preempted = preemption(done)
-                if done % t.log_every == 0 or done == t.num_steps or preempted:
-                    _check_finite(state, last_good)
-                    fetched = jax.device_get(pending)  # one transfer for the interval's metrics
-                    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    now = time.perf_counter()
-                    rate = (done - tick_step) / (now - tick)
-                    means.update(steps_per_sec=rate, images_per_sec=rate * t.batch_size)
-                    writer.scalars(done, means)
-                    eta = (t.num_steps - done) / rate
-                    console(f"step {done}/{t.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  "
-                            f"lr {means['lr']:.2e}  {rate:.2f} steps/s  {rate * t.batch_size:.1f} img/s  "
-                            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-                    pending, tick, tick_step = [], now, done
-                if done % t.checkpoint_every == 0 or done == t.num_steps or preempted:
-                    _check_finite(state, last_good)
-                    if lock is not None:
-                        lock.refresh()  # still this run's workdir: another may have taken over its lock
-                    saves.save(done, ocp.args.Composite(
-                        state=ocp.args.StandardSave(saved_tree(state)), config=ocp.args.JsonSave(config.to_dict())))
-                    last_good = done
-                if preempted:
-                    console(f"preempted: saved step {done}, exiting")
-                    return state
-                if config.sample.every and (done % config.sample.every == 0 or done == t.num_steps):
-                    grid = trainer.generate(state.ema_params, config.sample.num, sample_rng)
-                    if process == 0:
-                        image_io.save_grid(grid, workdir / "samples" / f"step_{done:08d}.png", scale=2)
-                if periodic_eval is not None and (done % config.eval.every == 0 or done == t.num_steps):
-                    values = periodic_eval(state.ema_params, sample_rng)
-                    writer.scalars(done, values)
-                    console(f"step {done} evaluation: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()))
-            if config.eval.num_samples:
-                untrained = trainer.init(init_rng).params  # the same initialization, re-run (the first was donated)
-                report_quality(trainer, state, untrained, images, heldout, sample_rng, workdir, writer)
+                if step == start:
+                    jax.block_until_ready(state)
+                    log.first_step_done(done)
+                    signals.deferring = processes == 1  # from now on a signal is for saving this step
+                stop = signals.requested if processes == 1 else manager.reached_preemption(done)
+                for action in periodic:
+                    if action.at_stop and stop or not stop and action.due(done, t.num_steps):
+                        action.run(done, state)
+                if stop:  # the save completes in the finally below, or its failure is the error
+                    signum = signals.received if processes == 1 else signal.SIGTERM
+                    raise interrupts.Interrupted(signum, f"saved step {done}; the same command resumes from it")
         finally:
             prefetch.close()
-            preemption.close()
             try:
                 saves.finish()
             finally:
@@ -504,21 +381,3 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
         if lock is not None:
             lock.release()
     return state
-
-
-def report_quality(trainer, state, initial_params, train_images, heldout, rng, workdir, writer) -> dict:
-    """Pixel-space sliced Wasserstein distance to held-out images: floor, model, untrained ceiling."""
-    n = min(trainer.config.eval.num_samples, len(heldout))
-    n -= n % jax.device_count()
-    samples = trainer.generate(state.ema_params, n, rng)
-    untrained = trainer.generate(initial_params, n, rng)
-    floor_set = train_images[np.random.default_rng(0).choice(len(train_images), n, replace=False)]
-    figures = {name: sliced_wasserstein(x.astype(np.float32) / 255, heldout[:n].astype(np.float32) / 255)
-               for name, x in (("real_vs_real", floor_set), ("ema_model", samples), ("untrained_model", untrained))}
-    writer.scalars(int(state.step), {f"swd/{k}": v for k, v in figures.items()})
-    if jax.process_index() == 0:
-        image_io.save_grid(samples[:64], workdir / "samples" / "final.png", scale=2)
-        console(f"sliced Wasserstein distance to {n} held-out images (pixel space, lower is better): "
-                f"real images {figures['real_vs_real']:.4f} (floor) | trained model {figures['ema_model']:.4f} | "
-                f"untrained model {figures['untrained_model']:.4f}")
-    return figures

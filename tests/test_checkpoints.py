@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import scripts
-from diffusion_jax import checkpoints, convert, train_lib
+from diffusion_jax import builders, checkpoints, convert
 from diffusion_jax import config as config_lib
 
 QUICKSTART = f"--config={scripts.ROOT}/configs/quickstart.py"
@@ -15,7 +15,7 @@ QUICKSTART = f"--config={scripts.ROOT}/configs/quickstart.py"
 def converted(workdir, directory):
     """The EMA params of a quickstart run, saved as convert.py saves."""
     config, params, _ = checkpoints.load(workdir=workdir)
-    unet = train_lib.make_model(config)
+    unet = builders.make_model(config)
     kwargs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet) if f.name not in ("parent", "name",
                                                                                                 "dropout", "dtype")}
     convert.save(directory, params, kwargs, (config.data.image_size,) * 2 + (config.data.channels,))

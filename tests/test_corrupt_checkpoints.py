@@ -55,10 +55,10 @@ def resume_point(workdir):
     """What train_and_evaluate reads, in its order: the latest readable config, then state."""
     config = tiny_config()
     path = storage.checkpoint_path(str(workdir))
-    with train_lib.checkpoint_manager(path, config, create=False) as manager:
-        train_lib.latest_readable(manager, path, lambda step: train_lib._restore_config(manager, step))
+    with checkpoints.checkpoint_manager(path, config, create=False) as manager:
+        checkpoints.latest_readable(manager, path, lambda step: checkpoints.restore_config(manager, step))
         abstract = train_lib.Trainer(config).abstract_state()
-        return train_lib.latest_readable(manager, path, lambda step: train_lib.restore_state(manager, step, abstract))
+        return checkpoints.latest_readable(manager, path, lambda step: checkpoints.restore_state(manager, step, abstract))
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())

@@ -11,7 +11,7 @@ import sys
 import pytest
 import scripts
 
-from diffusion_jax import convert, errors, launch, storage, train_lib
+from diffusion_jax import checkpoints, convert, errors, launch, storage, train_lib
 from diffusion_jax.evaluation import inception
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
@@ -130,8 +130,8 @@ def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_sta
         complete = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
         assert complete == ["2", "4"]
         config = train_lib_config()
-        with train_lib.checkpoint_manager(storage.checkpoint_path(str(workdir)), config, create=False) as manager:
-            state = train_lib.restore_state(manager, 4, train_lib.Trainer(config).abstract_state())
+        with checkpoints.checkpoint_manager(storage.checkpoint_path(str(workdir)), config, create=False) as manager:
+            state = checkpoints.restore_state(manager, 4, train_lib.Trainer(config).abstract_state())
         assert int(state.step) == 4
 
 

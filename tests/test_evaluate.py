@@ -60,13 +60,14 @@ def test_training_evaluates_fid_and_nll_periodically(fid_files, tmp_path):
                          "--config.train.num_steps=4", "--config.eval.every=2", "--config.eval.fid_samples=16",
                          "--config.eval.nll_images=8", "--config.eval.batch_size=8",
                          f"--config.eval.inception_weights={weights}", f"--config.eval.reference_stats={stats}")
-    lines = [line for line in result.stdout.splitlines() if "evaluation:" in line]
-    assert [line.split()[1] for line in lines] == ["2", "4"], result.stdout
-    assert all("fid " in line and "nll_bpd " in line for line in lines)
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("step ") and " FID " in line] == ["2:", "4:"]
+    assert [line.split()[1] for line in lines if line.startswith("step ") and " NLL " in line] == ["2:", "4:"]
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(os.path.join(tmp_path, "tensorboard")).Reload()
-    assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["tensors"])
+    assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/fid")] == [2, 4]
 
 
 @pytest.mark.parametrize("args, message, status", [

@@ -6,7 +6,7 @@ import pytest
 from numpy.polynomial.hermite_e import hermegauss
 from scipy.special import log_ndtr
 
-from diffusion_jax import analytic, checkpoints, losses, train_lib
+from diffusion_jax import analytic, builders, checkpoints, input_pipeline, losses, train_lib
 from diffusion_jax import schedule as S
 from diffusion_jax.evaluation import likelihood
 
@@ -71,8 +71,10 @@ def test_bound_of_the_exact_gaussian_denoiser_matches_its_closed_form(var_type):
 def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_workdir):
     config, params, _ = checkpoints.load(workdir=quickstart_workdir)
     d = config.data
-    images = train_lib.input_pipeline.load(d.name, d.eval_split, image_size=d.image_size)[:16]
-    rng, bound = jax.random.PRNGKey(0), likelihood.Evaluator(config, batch_size=16)  # compiled once for both
+    images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size)[:16]
+    rng, bound = jax.random.PRNGKey(0), likelihood.Evaluator(  # compiled once for both
+        builders.apply_fn(builders.make_model(config)), builders.make_schedule(config), batch_size=16,
+        **builders.output_types(config))
     trained = bound(params, images, rng)
     untrained = bound(train_lib.Trainer(config).init(jax.random.PRNGKey(0)).params, images, rng)
     print(f"quickstart NLL on 16 test digits: trained {trained.mean:.3f} +- {trained.stderr:.3f} bits/dim, "
@@ -86,4 +88,4 @@ def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_
 
 def test_nll_refuses_a_batch_size_the_devices_do_not_divide():
     with pytest.raises(ValueError, match="multiple of the"):
-        likelihood.nll(None, None, np.zeros((2, 4, 4, 1), np.uint8), jax.random.PRNGKey(0), batch_size=0)
+        likelihood.Evaluator(None, None, mean_type="eps", var_type="fixed_large", batch_size=0)

@@ -20,7 +20,7 @@ from jax import export
 
 import scripts
 from configs import cifar10, ddpm256
-from diffusion_jax import sample_lib, train_lib
+from diffusion_jax import builders, sample_lib
 from diffusion_jax.evaluation import inception, likelihood
 from diffusion_jax.models import onednn
 
@@ -47,7 +47,7 @@ def test_the_programs_here_use_onednn_on_the_cpu():
     if not onednn.uses_onednn():
         pytest.skip("the oneDNN library is not in use on this host, so there is no CPU-only call to keep out")
     c = cifar10.get_config()
-    model = train_lib.make_model(c)
+    model = builders.make_model(c)
     x, t = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
     params = abstract_params(model, 32)
     text = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).as_text()
@@ -64,7 +64,7 @@ def abstract_params(model, image_size: int, channels: int = 3):
 def test_unet_forward(get_config, dtype):
     c = get_config()
     c.model.dtype = dtype
-    model, size = train_lib.make_model(c), c.data.image_size
+    model, size = builders.make_model(c), c.data.image_size
     x, t = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
     check_exports(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)), abstract_params(model, size), x, t)
 
@@ -75,7 +75,7 @@ def test_sampling_loops(sampler, spacing):
     c = cifar10.get_config()
     c.sample.update(sampler=sampler, steps=10, spacing=spacing)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    model, sched = train_lib.make_model(c), train_lib.make_schedule(c)
+    model, sched = builders.make_model(c), builders.make_schedule(c)
     generate = sample_lib.Generator(c, model, sched, mesh).compiled(4)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     check_exports(generate, abstract_params(model, 32), key, jax.ShapeDtypeStruct((), jnp.int32))
@@ -89,8 +89,9 @@ def test_fid_inception_features():
 
 def test_nll_bound():
     c = cifar10.get_config()
-    evaluator = likelihood.Evaluator(c, batch_size=4)
-    params = abstract_params(train_lib.make_model(c), 32)
+    evaluator = likelihood.Evaluator(builders.apply_fn(builders.make_model(c)), builders.make_schedule(c),
+                                     batch_size=4, **builders.output_types(c))
+    params = abstract_params(builders.make_model(c), 32)
     check_exports(evaluator.bound, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
                   jax.ShapeDtypeStruct((2,), jnp.uint32))
 

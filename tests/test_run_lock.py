@@ -86,7 +86,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
     finally:
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-2000:]
+    assert first.returncode == -signal.SIGTERM, err[-2000:]
     assert not (workdir / run_lock.LOCK_FILE).exists()  # released at the end
 
     resume = [f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
@@ -94,7 +94,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
     refused = scripts.run("train.py", *resume, expect=2)
     assert ("error: the workdir's checkpoint was trained with other settings: optim.lr (0.001 in the checkpoint, "
             "0.0005 now)") in refused.stderr
-    stopped = int(out.split("preempted: saved step ")[1].split(",")[0])
+    stopped = int(err.split("interrupted by SIGTERM: saved step ")[1].split(";")[0])
     went_on = scripts.run("train.py", *resume[:2], f"--config.train.num_steps={stopped + 2}", "--config.optim.lr=5e-4",
                           "--allow_config_change")
     assert "going on with changed settings: optim.lr (0.001 in the checkpoint, 0.0005 now)" in went_on.stdout

@@ -13,6 +13,7 @@ import numpy as np
 
 from diffusion_jax import storage
 from diffusion_jax.errors import DataError
+from diffusion_jax.progress import Progress
 
 
 class Statistics(NamedTuple):
@@ -123,7 +124,7 @@ def reference_statistics(dataset: str, split: str, image_size: int, data_dir, ex
     from diffusion_jax import input_pipeline
 
     images = input_pipeline.load(dataset, split, image_size=image_size, data_dir=data_dir)
-    stats = statistics(extractor(images)[0])
+    stats = statistics(extractor(images, Progress(f"Inception features of {dataset}/{split}"))[0])
     if jax.process_index() == 0:
         save_statistics(cache_path, stats)
     return stats

@@ -48,7 +48,7 @@ NUM_FEATURES, NUM_CLASSES = 2048, 1008
 class BasicConv(nn.Module):
     """Conv -> BatchNorm -> ReLU, the BatchNorm folded into the conv's kernel and bias.
 
-    The convolution is oneDNN's on a one-device CPU run (diffusion_jax/models/conv.py).
+    The convolution is oneDNN's on a one-device CPU run (diffusion_jax/models/onednn.py).
     """
 
     features: int
@@ -312,8 +312,9 @@ class Extractor:
         self.apply = jax.jit(InceptionV3().apply, in_shardings=(NamedSharding(mesh, P()), self.data),
                              out_shardings=self.data)
 
-    def __call__(self, images: np.ndarray):
-        """uint8 [N, H, W, C] -> (pool [N, 2048] float64, logits [N, 1008] float32)."""
+    def __call__(self, images: np.ndarray, progress=None):
+        """uint8 [N, H, W, C] -> (pool [N, 2048] float64, logits [N, 1008] float32); ``progress(done, N)``,
+        if given, is called after each batch."""
         pools, logits = [], []
         count, devices = -(-len(images) // self.batch_size), self.data.mesh.size  # the fewest batches
         size = -(-len(images) // (count * devices)) * devices  # of one size, a multiple of the devices
@@ -325,6 +326,8 @@ class Extractor:
                            for a in self.apply({"params": self.params}, x))
             pools.append(pool.astype(np.float64))
             logits.append(logit)
+            if progress is not None:
+                progress(start + len(batch), len(images))
         return np.concatenate(pools), np.concatenate(logits)
 
 

@@ -8,6 +8,7 @@ sharded over the devices in batches; batch i draws its noise from ``fold_in(rng,
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import losses, storage, train_lib
+from diffusion_jax import image_io, losses, storage
 from diffusion_jax.errors import ConfigError, DataError
 
 
@@ -45,20 +46,21 @@ class Likelihood(NamedTuple):
 
 
 class Evaluator:
-    """The bound of a model compiled once, for batches of ``batch_size`` (a multiple of the device count)."""
+    """The bound of a model compiled once, for batches of ``batch_size`` (a multiple of the device count).
 
-    def __init__(self, config, batch_size: int):
+    ``apply(params, x_t, t)`` is the network's output (eps or x_0, and the variance if learned), as
+    ``mean_type`` and ``var_type`` say; ``sched`` the schedule it was trained with."""
+
+    def __init__(self, apply, sched, *, mean_type: str, var_type: str, batch_size: int):
         num_devices = jax.device_count()
         if batch_size < 1 or batch_size % num_devices:
             raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} devices")
-        model, sched, d = train_lib.make_model(config), train_lib.make_schedule(config), config.diffusion
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.batch_size, self.data, replicated = batch_size, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
         def bound(params, x, key):
-            x0 = x.astype(jnp.float32) / 127.5 - 1.0
-            out = losses.bits_per_dim(lambda x_t, t: model.apply({"params": params}, x_t, t), sched, x0, key,
-                                      mean_type=d.mean_type, var_type=d.var_type)
+            out = losses.bits_per_dim(functools.partial(apply, params), sched, image_io.from_uint8(x), key,
+                                      mean_type=mean_type, var_type=var_type)
             return out.total, out.terms, out.prior, jnp.sqrt(out.x0_mse) * 127.5
 
         # the jitted bound: (params, uint8 [batch, H, W, C], key) -> (total, terms, prior, rmse) per image
@@ -83,11 +85,6 @@ class Evaluator:
                 progress(start + len(batch), len(images))
         total, terms, prior, rmse = (np.concatenate(parts) for parts in zip(*results))
         return Likelihood(total.astype(np.float64), terms.mean(0), float(prior.mean()), rmse.mean(0))
-
-
-def nll(config, params, images: np.ndarray, rng, batch_size: int, progress=None) -> Likelihood:
-    """The bound of each of ``images`` (uint8 NHWC) under the model of ``config`` and ``params``."""
-    return Evaluator(config, batch_size)(params, images, rng, progress)
 
 
 def plot_rate_distortion(result: Likelihood, path) -> None:

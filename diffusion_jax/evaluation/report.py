@@ -1,6 +1,6 @@
-"""The evaluation protocol in one place: FID and IS of a sample set, the NLL, and their periodic run in training.
+"""The evaluation protocol in one place: FID and IS of a sample set against a reference, and the NLL's report.
 
-FID (DESIGN.md 12): Inception pool features of pytorch-fid's network (the TF 2015-12-05
+FID: Inception pool features of pytorch-fid's network (the TF 2015-12-05
 graph) for the samples and for every image of the reference split (CIFAR-10: all 50,000
 training images), statistics in float64, the reference's cached as .npz. IS: 10 splits of
 the samples' 1008-way softmax. The papers report both on 50,000 samples.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from diffusion_jax import storage, train_lib
+from diffusion_jax import storage
 from diffusion_jax.evaluation import fid, inception, likelihood
+from diffusion_jax.progress import Progress, console
 
 
 def default_reference_path(dataset: str, split: str, image_size: int) -> str:
@@ -36,8 +37,8 @@ class Evaluator:
         if self._reference is None:
             d = self._data
             if not storage.path(self.reference_path).exists():
-                train_lib.console(f"computing the FID statistics of {d.name}/{d.train_split} once; cached at "
-                                  f"{self.reference_path}")
+                console(f"computing the FID statistics of {d.name}/{d.train_split} once; cached at "
+                        f"{self.reference_path}")
             self._reference = fid.reference_statistics(d.name, d.train_split, d.image_size, d.data_dir,
                                                        self.extractor, self.reference_path)
         return self._reference
@@ -45,7 +46,7 @@ class Evaluator:
     def fid_and_is(self, images: np.ndarray) -> dict:
         """FID against the reference and IS (mean, std over 10 splits) of uint8 NHWC ``images``."""
         fid.check_samples(images, "samples")
-        pool, logits = self.extractor(images)
+        pool, logits = self.extractor(images, Progress("Inception features of the samples"))
         ref = self.reference
         stats = fid.statistics(pool)
         is_mean, is_std = fid.inception_score(logits, splits=10)
@@ -60,36 +61,12 @@ def write_json(path, values: dict) -> None:
 
 
 def print_fid(values: dict) -> None:
-    train_lib.console(f"FID {values['fid']:.3f}  IS {values['inception_score']:.3f} +- "
-                      f"{values['inception_score_std']:.3f}  ({values['num_samples']} samples; reference "
-                      f"{values['reference']})")
+    console(f"FID {values['fid']:.3f}  IS {values['inception_score']:.3f} +- "
+            f"{values['inception_score_std']:.3f}  ({values['num_samples']} samples; reference "
+            f"{values['reference']})")
 
 
 def print_nll(result: likelihood.Likelihood, split: str) -> None:
-    train_lib.console(f"NLL {result.mean:.4f} +- {result.stderr:.4f} bits/dim (bound, standard error) over "
-                      f"{len(result.bpd)} images of the {split} split; prior {result.prior:.2e}, decoder "
-                      f"{result.terms[0]:.4f} bits/dim")
-
-
-class PeriodicEval:
-    """In training: FID and IS of ``eval.fid_samples`` samples, and the NLL of ``eval.nll_images`` held-out images."""
-
-    def __init__(self, config, generate, heldout: np.ndarray | None):
-        """``generate(params, num, rng, index)``: batch ``index`` of samples, as ``sample_lib.Generator``."""
-        e = self.settings = config.eval
-        self.generate = generate
-        self.fid = None
-        if e.fid_samples:
-            self.fid = Evaluator(config.data, reference_stats=e.reference_stats, inception_weights=e.inception_weights)
-        self.images = heldout[:e.nll_images] if e.nll_images else None
-        self.nll = likelihood.Evaluator(config, e.batch_size) if e.nll_images else None
-
-    def __call__(self, params, rng) -> dict:
-        e, values = self.settings, {}
-        if self.fid is not None:
-            batches = [self.generate(params, e.batch_size, rng, i) for i in range(-(-e.fid_samples // e.batch_size))]
-            scores = self.fid.fid_and_is(np.concatenate(batches)[:e.fid_samples])
-            values.update({"eval/fid": scores["fid"], "eval/inception_score": scores["inception_score"]})
-        if self.nll is not None:
-            values["eval/nll_bpd"] = self.nll(params, self.images, rng).mean
-        return values
+    console(f"NLL {result.mean:.4f} +- {result.stderr:.4f} bits/dim (bound, standard error) over "
+            f"{len(result.bpd)} images of the {split} split; prior {result.prior:.2e}, decoder "
+            f"{result.terms[0]:.4f} bits/dim")

@@ -6,10 +6,8 @@ channels over all positions, computed in float32 (the variance as E[x^2] - E[x]^
 default). What differs is the order of the sums: each channel's sums over the positions come
 first, over the contiguous channel axis, and the C / G channels of a group are added after.
 Flax reduces the 5-D view [B, H, W, G, C/G] over (H, W, C/G) at once, which XLA:CPU runs
-about half as fast: GroupNorm and swish at batch 64 took 44 / 22 ms (32x32x128) and 6.2 / 3.0
-ms (16x16x256) in flax's form / this one, 1.05-1.6x with the backward, and the CIFAR-10
-U-Net's forward at batch 64 is 9% faster (2026-12-02, benchmarks/README.md). On GPU and TPU
-both forms are the same two reductions over the same data.
+about half as fast (the measurements are in benchmarks/README.md). On GPU and TPU both forms
+are the same two reductions over the same data.
 """
 
 from __future__ import annotations

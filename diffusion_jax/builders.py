@@ -1,0 +1,85 @@
+"""What a config builds: the U-Net, the diffusion schedule, the optimizer and the initial train state.
+
+Everything that turns a config (``config.py``) into objects lives here, so that training,
+sampling, evaluation and the checkpoint readers build the same network and schedule from the
+same settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax import schedule, timestep_sampler
+from diffusion_jax.models.unet import UNet
+
+
+class TrainState(NamedTuple):
+    step: jnp.ndarray  # int32 []
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
+    loss_history: Any = None  # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
+
+
+def out_channels(config) -> int:
+    """The network's output channels: C, or 2C when it also outputs the variance (improved DDPM)."""
+    return schedule.output_channels(config.data.channels, config.diffusion.var_type)
+
+
+def make_model(config) -> UNet:
+    m = config.model
+    return UNet(ch=m.ch, out_ch=out_channels(config), ch_mult=tuple(m.ch_mult),
+                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
+
+
+def make_schedule(config) -> schedule.Schedule:
+    """The schedule of ``config.diffusion`` (``schedule.make_schedule`` of its name, T and betas)."""
+    d = config.diffusion
+    return schedule.make_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def learning_rate(config):
+    """Linear warmup from 0 over ``warmup_steps``, then constant (the DDPM code's schedule)."""
+    o = config.optim
+    return optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else optax.constant_schedule(o.lr)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam after clipping the global gradient norm, as the DDPM code trains."""
+    o = config.optim
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adam(learning_rate(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
+
+
+def init_state(config, model: UNet, tx, rng) -> TrainState:
+    """Step 0: the network's initial parameters (also the EMA's), Adam's zero moments, no loss history
+    unless t is importance-sampled."""
+    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32))["params"]
+    d = config.diffusion
+    history = timestep_sampler.init_history(d.num_timesteps) if d.timestep_sampler != "uniform" else None
+    return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32),
+                      history)
+
+
+def abstract_state(config, sharding) -> TrainState:
+    """The shapes and dtypes of ``config``'s train state, placed by ``sharding`` (what a restore needs)."""
+    shapes = jax.eval_shape(lambda rng: init_state(config, make_model(config), make_optimizer(config), rng),
+                            jax.random.PRNGKey(0))
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def apply_fn(model: UNet):
+    """The network as a function ``(params, x_t, t) -> output`` for inference (no dropout)."""
+    return lambda params, x_t, t: model.apply({"params": params}, x_t, t)
+
+
+def output_types(config) -> dict:
+    """What the network's output means: ``mean_type`` and ``var_type`` (``schedule.MEAN_TYPES``, ``VAR_TYPES``)."""
+    return dict(mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)

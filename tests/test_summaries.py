@@ -1,0 +1,35 @@
+"""The TensorBoard log of a short run, read back with TensorBoard's own event reader."""
+
+import os
+
+import numpy as np
+import scripts
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
+
+
+def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_and_its_hyperparameters(tmp_path):
+    scripts.run("train.py", f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.num_steps=4",
+                "--config.train.log_every=2", "--config.sample.every=2", "--config.eval.num_samples=16")
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    quarters = ["loss_by_t/0-24", "loss_by_t/25-49", "loss_by_t/50-74", "loss_by_t/75-99"]  # T = 100
+    assert set(quarters + ["loss", "grad_norm", "lr", "swd/ema_model"]) <= set(tags["scalars"]), tags["scalars"]
+    for tag in quarters:
+        values = [e.value for e in events.Scalars(tag)]
+        assert [e.step for e in events.Scalars(tag)] == [2, 4] and np.all(np.isfinite(values)) and min(values) > 0
+    assert [e.step for e in events.Scalars("steps_per_sec")] == [2, 4]
+
+    assert sorted(tags["images"]) == ["final", "samples"]
+    grids = events.Images("samples")
+    assert [e.step for e in grids] == [2, 4]
+    on_disk = Image.open(tmp_path / "samples" / "step_00000004.png")
+    assert (grids[-1].width, grids[-1].height) == on_disk.size == (104, 104)  # 8 16x16 digits, 3 columns, x2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == 1e-3 and start.hparams["data.name"].string_value == "digits"
