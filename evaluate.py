@@ -33,17 +33,20 @@ flags.DEFINE_string("samples", None, "mode fid: an .npz of samples (arr_0: uint8
 flags.DEFINE_string("dataset", "cifar10", "modes fid, reference_stats: the reference dataset")
 flags.DEFINE_string("split", "train", "modes fid, reference_stats: its split (all images are used)")
 flags.DEFINE_string("data_dir", None, "tfds data_dir of the reference dataset")
-flags.DEFINE_integer("image_size", None, "mode reference_stats: the image side (default: 32 for cifar10, 16 for "
-                     "digits; mode fid takes the samples')", lower_bound=1)
+flags.DEFINE_integer("image_size", None, "mode reference_stats: the image side (default: 32 for cifar10, 16 "
+                     "for digits; mode fid takes the samples')", lower_bound=1)
 flags.DEFINE_string("reference_stats", None, "the reference statistics .npz (read, or written if missing)")
-flags.DEFINE_string("inception_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz)")
-config_flags.DEFINE_config_file("config", None, "mode nll: config for a converted checkpoint's diffusion settings",
+flags.DEFINE_string("inception_weights", None,
+                    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz)")
+config_flags.DEFINE_config_file("config", None,
+                                "mode nll: config for a converted checkpoint's diffusion settings",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "mode nll: a training workdir")
 flags.DEFINE_string("checkpoint", None, "mode nll: WORKDIR/checkpoints/STEP or convert.py's --out")
 flags.DEFINE_integer("step", None, "mode nll: the workdir's checkpoint (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "mode nll: EMA or raw parameters")
-flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to evaluate (0: all)", lower_bound=0)
+flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to evaluate (0: all)",
+                     lower_bound=0)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "mode nll: seed of the noise")
 flags.DEFINE_string("out", None, "mode nll: output directory")
@@ -91,8 +94,8 @@ def fid_mode():
 
 def reference_stats_mode():
     from diffusion_jax import input_pipeline, storage
-    from diffusion_jax.progress import console
     from diffusion_jax.evaluation import report
+    from diffusion_jax.progress import console
 
     if FLAGS.dataset not in input_pipeline.DATASETS:
         raise ConfigError(f"--dataset={FLAGS.dataset} is not one of {', '.join(input_pipeline.DATASETS)}")
@@ -111,9 +114,9 @@ def nll_mode(jax):
     import numpy as np
 
     from diffusion_jax import builders, checkpoints, input_pipeline, storage
-    from diffusion_jax.progress import Progress, console
     from diffusion_jax import config as config_lib
     from diffusion_jax.evaluation import likelihood, report
+    from diffusion_jax.progress import Progress, console
 
     out = storage.path(FLAGS.out, what="--out")
     storage.check_reachable(out, what="--out")
@@ -126,8 +129,9 @@ def nll_mode(jax):
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
-    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config)), builders.make_schedule(config),
-                                 batch_size=FLAGS.batch_size, **builders.output_types(config))
+    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config)),
+                                 builders.make_schedule(config), batch_size=FLAGS.batch_size,
+                                 **builders.output_types(config))
     result = bound(params, images, jax.random.PRNGKey(FLAGS.seed), progress=Progress("NLL"))
     report.print_nll(result, d.eval_split)
     report.write_json(out / "nll.json", {

@@ -32,10 +32,12 @@ from diffusion_jax.errors import ConfigError
 
 MODES = ("samples", "progressive", "interpolate", "interpolate_diffused", "reconstruct")
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "config file for the diffusion and sampler settings (default: the "
-                                "run's own; for converted checkpoints configs/cifar10.py's)", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "config file for the diffusion and sampler settings "
+                                "(default: the run's own; for converted checkpoints configs/cifar10.py's)",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir")
-flags.DEFINE_string("checkpoint", None, "a checkpoint directory: WORKDIR/checkpoints/STEP or convert.py's --out")
+flags.DEFINE_string("checkpoint", None,
+                    "a checkpoint directory: WORKDIR/checkpoints/STEP or convert.py's --out")
 flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
 flags.DEFINE_string("out", None, "output directory (local, or gs:// shared by every host)")
@@ -47,15 +49,17 @@ flags.DEFINE_float("eta", None, f"override config.sample.eta ({sampler_registry.
 flags.DEFINE_integer("order", None, f"override config.sample.order ({sampler_registry.option_help('order')})")
 flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
 flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "random seed; batch i uses fold_in(seed, i)")
 flags.DEFINE_integer("num_interp", 11, "interpolation points per row (interpolation modes)", lower_bound=2)
-flags.DEFINE_integer("t", None, "timestep to diffuse to (mode interpolate_diffused; default T / 2, 500 in DDPM "
-                     "Fig. 8)", lower_bound=0)
+flags.DEFINE_integer("t", None, "timestep to diffuse to (mode interpolate_diffused; default T / 2, 500 in "
+                     "DDPM Fig. 8)", lower_bound=0)
 flags.DEFINE_bool("fid", False, "mode samples: FID and IS of the samples (see evaluate.py for the options)")
 flags.DEFINE_string("reference_stats", None, "with --fid: statistics .npz of the reference images (default: "
                     "computed once from config.data.train_split and cached)")
-flags.DEFINE_string("inception_weights", None, "with --fid: pytorch-fid's Inception weights (see evaluate.py)")
+flags.DEFINE_string("inception_weights", None,
+                    "with --fid: pytorch-fid's Inception weights (see evaluate.py)")
 launch.define_distributed_flags()
 flags.mark_flags_as_required(["out"])
 
@@ -77,13 +81,13 @@ def check_sampler_flags(config):
     """ConfigError for a sampler setting that does not apply to the mode."""
     s = config.sample
     if FLAGS.mode in ("interpolate", "reconstruct") and (s.sampler != "ddim" or s.eta != 0):
-        raise ConfigError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, eta 0), "
-                          f"not sampler {s.sampler!r} with eta {s.eta}")
+        raise ConfigError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, "
+                          f"eta 0), not sampler {s.sampler!r} with eta {s.eta}")
     if FLAGS.mode == "interpolate_diffused":
         for name in ("sampler", "steps", "spacing", "eta", "order"):
             if FLAGS[name].present:
-                raise ConfigError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes with the "
-                                  "full DDPM chain from --t (DDPM section 4.4)")
+                raise ConfigError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes "
+                                  "with the full DDPM chain from --t (DDPM section 4.4)")
         if FLAGS.t is not None and FLAGS.t >= config.diffusion.num_timesteps:
             raise ConfigError(f"--t={FLAGS.t} must be below the {config.diffusion.num_timesteps} timesteps")
 
@@ -155,7 +159,8 @@ def samples(jax, loaded, out):
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh)
     images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), out / "shards",
-                                         FLAGS.num_samples, FLAGS.batch_size, progress=progress.Progress("samples"))
+                                         FLAGS.num_samples, FLAGS.batch_size,
+                                         progress=progress.Progress("samples"))
     if jax.process_index() == 0:
         storage.save_npz(out / "samples.npz", images)
         image_io.save_grid(images[:64], out / "samples.png", scale=2)
@@ -171,8 +176,8 @@ def samples(jax, loaded, out):
 
 def run(jax):
     from diffusion_jax import checkpoints, figures, storage
-    from diffusion_jax.progress import console
     from diffusion_jax import config as config_lib
+    from diffusion_jax.progress import console
 
     check_mode_flags()
     loaded = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
@@ -181,7 +186,8 @@ def run(jax):
     config_lib.validate(config, jax.device_count(), jax.process_count())
     check_sampler_flags(config)
     if FLAGS.batch_size % jax.device_count():
-        raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} devices")
+        raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
+                          "devices")
     out = storage.path(FLAGS.out, what="--out")
     storage.check_reachable(out, what="--out")
     storage.check_writable(out, what="--out")

@@ -12,12 +12,13 @@ from diffusion_jax import launch, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
-flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples (local, or gs:// shared by every "
-                    "host); resumed if it holds a run")
-flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock of a run on another host that stopped "
-                  "refreshing it 30 minutes ago (a lost host); a lock of this host's live process is never taken")
-flags.DEFINE_bool("allow_config_change", False, "resume a checkpoint trained with other settings (the run lists "
-                  "them); the network must stay the same")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples (local, or gs:// shared by "
+                    "every host); resumed if it holds a run")
+flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock of a run on another host that "
+                  "stopped refreshing it 30 minutes ago (a lost host); a lock of this host's live process is "
+                  "never taken")
+flags.DEFINE_bool("allow_config_change", False, "resume a checkpoint trained with other settings (the run "
+                  "lists them); the network must stay the same")
 launch.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,7 +27,8 @@ def main(argv):
     del argv
     xla_flags.set_defaults()  # before launch.start starts JAX's backends
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # progress goes to the console; libraries' INFO only on request
+        # progress goes to the console; libraries' INFO only on request
+        logging.set_verbosity(logging.WARNING)
     launch.start(FLAGS)
     from diffusion_jax import train_lib
 

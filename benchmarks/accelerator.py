@@ -50,7 +50,8 @@ import numpy as np
 from benchmarks import compare, hardware, workers
 
 WORKLOADS = ("train_cifar10_float32", "train_cifar10_bfloat16", "train_256", "ddim50", "fid_features")
-FULL = dict(cifar10_batch=128, batch_256=64, ddim_images=1000, ddim_batch=200, ddim_steps=50, fid_images=10_000)
+FULL = dict(cifar10_batch=128, batch_256=64, ddim_images=1000, ddim_batch=200, ddim_steps=50,
+            fid_images=10_000)
 TINY = dict(cifar10_batch=8, batch_256=4, ddim_images=16, ddim_batch=8, ddim_steps=5, fid_images=8)
 
 
@@ -66,8 +67,8 @@ def _configs(tiny: bool):
     from configs import cifar10, ddpm256
 
     cifar = cifar10.get_config()
-    cifar.sample.update(sampler="ddim", steps=(TINY if tiny else FULL)["ddim_steps"], spacing="uniform", eta=0.0,
-                        clip_x0=True)
+    cifar.sample.update(sampler="ddim", steps=(TINY if tiny else FULL)["ddim_steps"], spacing="uniform",
+                        eta=0.0, clip_x0=True)
     big = ddpm256.get_config()
     if tiny:
         _shrink(cifar)
@@ -77,7 +78,8 @@ def _configs(tiny: bool):
 
 def _peak_memory(jax) -> int | None:
     stats = [d.memory_stats() for d in jax.local_devices()]
-    return max(s["peak_bytes_in_use"] for s in stats) if all(s and "peak_bytes_in_use" in s for s in stats) else None
+    return (max(s["peak_bytes_in_use"] for s in stats) if all(s and "peak_bytes_in_use" in s for s in stats)
+            else None)
 
 
 def _flops_per_device(jax, compiled, lower_again) -> float:
@@ -122,7 +124,8 @@ def run_workload(name: str, reps: int, tiny: bool, batch: int | None = None) -> 
     result = dict(workload=name, device_kind=jax.local_devices()[0].device_kind)
     if name.startswith("train"):
         config = big if name == "train_256" else cifar
-        config.train.batch_size = batch or (sizes["batch_256"] if name == "train_256" else sizes["cifar10_batch"])
+        config.train.batch_size = batch or (sizes["batch_256"] if name == "train_256"
+                                            else sizes["cifar10_batch"])
         config.model.dtype = "bfloat16" if name.endswith("bfloat16") else "float32"
         trainer = train_lib.Trainer(config)
         box = [trainer.init(jax.random.PRNGKey(0))]
@@ -187,10 +190,12 @@ def _in_process(name: str, args, batch: int | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarks.accelerator", "--worker", name, "--reps", str(args.reps)]
     command += ["--tiny"] * args.tiny + (["--batch", str(batch)] if batch else [])
     done = subprocess.run(command, capture_output=True, text=True,
-                          env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=args.cache, TF_CPP_MIN_LOG_LEVEL="3"))
+                          env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=args.cache,
+                                   TF_CPP_MIN_LOG_LEVEL="3"))
     lines = done.stdout.strip().splitlines()
     if done.returncode or not lines:
-        return dict(workload=name, error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1],
+        return dict(workload=name,
+                    error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1],
                     out_of_memory="RESOURCE_EXHAUSTED" in done.stderr)
     return json.loads(lines[-1])
 
@@ -198,8 +203,9 @@ def _in_process(name: str, args, batch: int | None = None) -> dict:
 def _devices() -> dict:
     """The backend, device kind and count of the local devices, asked in a process of its own (this one
     leaves the devices to the workers: a TPU is held by one process at a time)."""
-    probe = subprocess.run([sys.executable, "-c", "import json, jax; d = jax.local_devices(); print(json.dumps(dict("
-                            "backend=jax.default_backend(), device_kind=d[0].device_kind, devices=len(d))))"],
+    probe = subprocess.run([sys.executable, "-c", "import json, jax; d = jax.local_devices(); "
+                            "print(json.dumps(dict(backend=jax.default_backend(), "
+                            "device_kind=d[0].device_kind, devices=len(d))))"],
                            capture_output=True, text=True, check=True)
     return json.loads(probe.stdout.strip().splitlines()[-1])
 
@@ -211,12 +217,14 @@ def measure_256(args) -> dict:
         result = _in_process("train_256", args, batch)
         if not result.get("out_of_memory") or batch == 1:
             return result
-        print(f"  the 256x256 train step does not fit at global batch {batch}; trying {batch // 2}", flush=True)
+        print(f"  the 256x256 train step does not fit at global batch {batch}; trying {batch // 2}",
+              flush=True)
         batch //= 2
 
 
 def torch_on_cuda() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import torch, diffusers; print(torch.cuda.is_available())"],
+    probe = subprocess.run([sys.executable, "-c",
+                            "import torch, diffusers; print(torch.cuda.is_available())"],
                            capture_output=True, text=True)
     return probe.stdout.strip() == "True"
 
@@ -224,7 +232,8 @@ def torch_on_cuda() -> bool:
 def compare_with_diffusers(reps: int, cache: str) -> dict:
     """diffusers' forward and train step at batch 128 against ours, alternated, both on GPU 0."""
     # for the workers: one GPU, shared (JAX would otherwise take 75% of its memory at start)
-    os.environ.update(CUDA_VISIBLE_DEVICES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false", BENCHMARK_TORCH_DEVICE="cuda")
+    os.environ.update(CUDA_VISIBLE_DEVICES="0", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+                      BENCHMARK_TORCH_DEVICE="cuda")
     results = {}
     for workload in ("forward128", "train128"):
         m = compare.measure(compare.pair(workload), reps, cache)
@@ -243,7 +252,8 @@ def _table(results: list[dict]) -> None:
             print(f"{r['workload']:24} failed: {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else f"{'-':>6}"
-        memory = f"{r['peak_memory_bytes'] / 1e9:11.2f}" if r["peak_memory_bytes"] is not None else f"{'-':>11}"
+        memory = (f"{r['peak_memory_bytes'] / 1e9:11.2f}" if r["peak_memory_bytes"] is not None
+                  else f"{'-':>11}")
         run = (f"{r['num_steps']:,} steps: {r['projected_run_s'] / 86400:.1f} days"
                if "projected_run_s" in r else "")
         print(f"{r['workload']:24} {r['batch']:5d} {r['images_per_s']:9.2f} {r['median_s']:9.4f} "
@@ -251,12 +261,15 @@ def _table(results: list[dict]) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each workload")
-    parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=None, help="a subset of the workloads")
+    parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=None,
+                        help="a subset of the workloads")
     parser.add_argument("--tiny", action="store_true", help="the tiny configuration (the default on a CPU)")
     parser.add_argument("--json", default="benchmarks/accelerator.json", help="where to write the figures")
-    parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)  # one workload, in this process
+    # one workload, in this process
+    parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -1,6 +1,7 @@
-"""The train step's collectives over a data mesh, read from its compiled HLO, and their cost on paper.
+r"""The train step's collectives over a data mesh, read from its compiled HLO, and their cost on paper.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.collectives --config=configs/cifar10.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m benchmarks.collectives --config=configs/cifar10.py
 
 Compiles ``Trainer.step`` (the program train.py runs) for the mesh of all devices, here 8
 simulated CPU devices, and lists every collective of the compiled module: its kind, how
@@ -34,7 +35,8 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (configs
 flags.DEFINE_bool("json", False, "print one JSON object rather than the table")
 flags.mark_flags_as_required(["config"])
 
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "collective-broadcast")
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+         "collective-broadcast")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8}
 _INSTRUCTION = re.compile(rf"^\s*(?:ROOT )?%?[\w.-]+ = (.+?) ({'|'.join(KINDS)})\(", re.MULTILINE)
@@ -46,7 +48,8 @@ def collectives(hlo_text: str) -> list[dict]:
     found = []
     for result_type, kind in _INSTRUCTION.findall(hlo_text):
         arrays = _ARRAY.findall(result_type)
-        nbytes = sum(_BYTES[dtype] * math.prod(int(n) for n in dims.split(",") if n) for dtype, dims in arrays)
+        nbytes = sum(_BYTES[dtype] * math.prod(int(n) for n in dims.split(",") if n)
+                     for dtype, dims in arrays)
         found.append(dict(kind=kind, arrays=len(arrays), bytes=nbytes))
     return found
 
@@ -55,8 +58,8 @@ def analyze(config) -> dict:
     """Compile the train step of ``config`` over all devices: its collectives and FLOPs per device."""
     trainer = train_lib.Trainer(config)
     d = config.data
-    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels), jnp.float32,
-                                 sharding=trainer.data_sharding)
+    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
+                                 jnp.float32, sharding=trainer.data_sharding)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
     state = trainer.abstract_state()
     compiled = trainer.step.lower(state, batch, rng).compile()
@@ -77,7 +80,8 @@ def project(analysis: dict) -> list[dict]:
         compute = flops_per_image * analysis["batch_size"] / system.devices
         rows.append(dict(system=system.name, devices=system.devices, bytes_per_s=system.bytes_per_s,
                          source=system.source, communication_s=system.all_reduce_seconds(nbytes),
-                         compute_at_peak_s={"float32": compute / peak.float32, "bfloat16": compute / peak.bfloat16}))
+                         compute_at_peak_s={"float32": compute / peak.float32,
+                                            "bfloat16": compute / peak.bfloat16}))
     return rows
 
 
@@ -87,7 +91,8 @@ def main(argv):
     config = flags.FLAGS.config
     if jax.device_count() < 2:
         raise app.UsageError("one device has no collectives to show: run with "
-                             "XLA_FLAGS=--xla_force_host_platform_device_count=8 (or on several accelerators)")
+                             "XLA_FLAGS=--xla_force_host_platform_device_count=8 (or on several "
+                             "accelerators)")
     analysis = analyze(config)
     analysis["projection"] = project(analysis)
     if flags.FLAGS.json:
@@ -95,13 +100,15 @@ def main(argv):
         return
     total = sum(c["bytes"] for c in analysis["collectives"])
     print(f"train step, global batch {analysis['batch_size']}, {analysis['devices']} {jax.default_backend()} "
-          f"devices, {analysis['parameters']:,} parameters ({4 * analysis['parameters'] / 1e6:.1f} MB in float32)")
+          f"devices, {analysis['parameters']:,} parameters "
+          f"({4 * analysis['parameters'] / 1e6:.1f} MB in float32)")
     print(f"{'collective':14} {'arrays':>6} {'MB per device':>14}")
     for c in analysis["collectives"]:
         print(f"{c['kind']:14} {c['arrays']:6d} {c['bytes'] / 1e6:14.2f}")
     print(f"{len(analysis['collectives'])} collective(s) a step, {total / 1e6:.2f} MB per device; "
           f"{analysis['flops_per_device'] / 1e9:.1f} GFLOP per device")
-    print(f"\nat global batch {analysis['batch_size']}: all-reduce bandwidth time | compute at peak, float32 / bfloat16")
+    print(f"\nat global batch {analysis['batch_size']}: all-reduce bandwidth time | compute at peak, "
+          "float32 / bfloat16")
     for row in analysis["projection"]:
         at_peak = row["compute_at_peak_s"]
         print(f"{row['system']:36} {1e3 * row['communication_s']:7.2f} ms | "

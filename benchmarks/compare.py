@@ -1,6 +1,7 @@
 """diffusion-jax against its PyTorch peers on this machine, measured alternately in one run.
 
-    python -m benchmarks.compare [--reps 5] [--long-reps 1] [--no-torch-compile] [--json benchmarks/results.json]
+    python -m benchmarks.compare [--reps 5] [--long-reps 1] [--no-torch-compile]
+                                 [--json benchmarks/results.json]
 
 For the DDPM CIFAR-10 network (35.7M parameters): forward at batch 64; a full training step
 (forward, backward, clipping, Adam, EMA) at batch 16 and 32; DDIM-50 sampling of 64 images end
@@ -129,9 +130,11 @@ def _cpu_name() -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the short workloads")
-    parser.add_argument("--long-reps", type=int, default=1, help="timed repetitions of DDIM-50 and FID features")
+    parser.add_argument("--long-reps", type=int, default=1,
+                        help="timed repetitions of DDIM-50 and FID features")
     parser.add_argument("--no-torch-compile", action="store_true",
                         help="leave out diffusers' forward under torch.compile (its compiling takes ~1 min)")
     parser.add_argument("--only", nargs="*", default=None, help="a subset of the workloads")
@@ -146,8 +149,8 @@ def main():
     results = {"date": datetime.date.today().isoformat(), "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
                "matmul_gflops": matmul_gflops, "peak_gflops": peak_gflops, "workloads": {}}
     print(f"{results['date']}, {results['machine']}", flush=True)
-    print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, torch {matmul_gflops['torch']:.1f} GFLOP/s",
-          flush=True)
+    print(f"fp32 matmul 2048^3: JAX {matmul_gflops['jax']:.1f} GFLOP/s, "
+          f"torch {matmul_gflops['torch']:.1f} GFLOP/s", flush=True)
     header = (f"{'workload':34} {'diffusion-jax':>13} {'peer':>9} {'ratio':>6} {'compile s':>9} "
               f"{'GFLOP/s':>8} {'% peak':>6} {'RSS MB jax/peer':>16}")
     print(header, flush=True)
@@ -163,7 +166,8 @@ def main():
         images = IMAGES[workload]
         jax_rate, torch_rate = images / m["jax"]["median_s"], images / m["torch"]["median_s"]
         gflops = m["jax"]["flops"] / m["jax"]["median_s"] / 1e9 if m["jax"]["flops"] else None
-        results["workloads"][workload] = dict(m, label=label, images_per_s={"jax": jax_rate, "torch": torch_rate},
+        results["workloads"][workload] = dict(m, label=label,
+                                              images_per_s={"jax": jax_rate, "torch": torch_rate},
                                               ratio=jax_rate / torch_rate, gflops=gflops,
                                               wall_s=time.perf_counter() - start)
         print(f"{label:34} {jax_rate:9.2f} img/s {torch_rate:6.2f} {jax_rate / torch_rate:6.2f} "
@@ -177,7 +181,8 @@ def main():
         elif compiled:
             rate = images / compiled["median_s"]
             print(f"{'  diffusers under torch.compile':34} {'':>13} {rate:6.2f} {jax_rate / rate:6.2f} "
-                  f"{compiled['compile_s']:9.1f} {'':>15} {'':>8}/{compiled['peak_rss_mb']:<7.0f}", flush=True)
+                  f"{compiled['compile_s']:9.1f} {'':>15} {'':>8}/{compiled['peak_rss_mb']:<7.0f}",
+                  flush=True)
             results["workloads"][workload].update(torch_compile_images_per_s=rate,
                                                   torch_compile_ratio=jax_rate / rate)
     results["wall_s"] = time.perf_counter() - started

@@ -44,7 +44,8 @@ def _programs(with_onednn, stride, kernel):
 
 def main():
     xla_flags.set_defaults()  # before JAX starts its backends
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     if not onednn.uses_onednn():

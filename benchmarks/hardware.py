@@ -64,9 +64,11 @@ class Interconnect:
 
 SYSTEMS = (
     Interconnect("TPU v4-32 (16 chips, 4 hosts)", "TPU v4", 16, 2 * 45e9,
-                 "ICI: 45 GB/s one way per link (How to Scale Your Model, part 2: jax-ml.github.io/scaling-book/tpus); "
+                 "ICI: 45 GB/s one way per link (How to Scale Your Model, part 2: "
+                 "jax-ml.github.io/scaling-book/tpus); "
                  "a bidirectional ring over the 16 chips uses two links' worth; the 2x2x4 slice's other "
                  "axes can run rings at the same time, so this is the slow end"),
     Interconnect("8x H100 SXM (NVLink 4, NVSwitch)", "NVIDIA H100 80GB HBM3", 8, 450e9,
-                 "NVLink 4: 900 GB/s per GPU both directions together (NVIDIA H100 datasheet), 450 GB/s one way"),
+                 "NVLink 4: 900 GB/s per GPU both directions together (NVIDIA H100 datasheet), 450 GB/s one "
+                 "way"),
 )

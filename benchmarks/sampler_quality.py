@@ -88,7 +88,8 @@ ROWS = (
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     parser.add_argument("--sets", type=int, default=8)
@@ -101,11 +102,12 @@ def main():
     floors = [sliced_wasserstein(data(args.samples, 1000 + k), truth) for k, truth in enumerate(truths)]
     floor = float(np.mean(floors))
     print(f"data-vs-data floor: {floor:.5f} +- {np.std(floors, ddof=1) / np.sqrt(args.sets):.5f} "
-          f"(sliced Wasserstein-1, {args.samples} samples, mean of {args.sets} pairs +- its standard error)\n")
+          f"(sliced Wasserstein-1, {args.samples} samples, mean of {args.sets} pairs +- its standard "
+          "error)\n")
 
     def distance(x):
         sets = np.split(x, args.sets)
-        return float(np.mean([sliced_wasserstein(s, truth) for s, truth in zip(sets, truths)]))
+        return float(np.mean([sliced_wasserstein(s, truth) for s, truth in zip(sets, truths, strict=True)]))
 
     header = f"{'sampler':34s}" + "".join(f"{'NFE ' + str(n):>22s}" for n in args.nfe)
     print(header + "\n" + "-" * len(header))

@@ -38,7 +38,8 @@ def timed(fn, *args, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -67,7 +68,8 @@ def main():
     rows.append(("DDIM-1000", t1000, t1000 / 1000, one_ddim))
     rows.append(("DDPM-1000", t1000p, t1000p / 1000, one_ddpm))
 
-    print(f"batch {args.batch} x {args.size}x{args.size}x3, {jax.devices()[0].platform}, median of {args.repeats}")
+    print(f"batch {args.batch} x {args.size}x{args.size}x3, {jax.devices()[0].platform}, "
+          f"median of {args.repeats}")
     print(f"{'sampler':<16}{'wall s':>10}{'loop ms/step':>14}{'1 step ms':>12}{'ratio':>8}")
     for name, wall, per_step, single in rows:
         print(f"{name:<16}{wall:>10.3f}{per_step * 1e3:>14.3f}{single * 1e3:>12.3f}{per_step / single:>8.2f}")

@@ -30,7 +30,8 @@ from configs import cifar10  # noqa: E402
 
 def main():
     xla_flags.set_defaults()  # before JAX starts its backends
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=24)
     args = parser.parse_args()

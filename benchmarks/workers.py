@@ -1,4 +1,5 @@
-"""One workload of benchmarks/compare.py in one process: diffusion-jax's or its peer's (diffusers, pytorch-fid).
+"""One workload of benchmarks/compare.py in one process: diffusion-jax's or its peer's (diffusers,
+pytorch-fid).
 
     python -m benchmarks.workers {jax,torch} WORKLOAD
 
@@ -6,8 +7,8 @@ Protocol on stdin/stdout, one JSON object a line: after set-up (imports, model, 
 the FLOP count) the worker prints {"set_up": true} and waits; on "compile" it compiles and
 makes a warm-up call, then prints {"ready": ..., "compile_s": ..., "flops": ...} (or
 {"error": ...} and exits); each "run" line runs the workload once and prints {"seconds": ...};
-"exit" prints {"peak_rss_mb": ...} and exits. compare.py lets the two frameworks' workers set up at the same time (tracing and
-imports, one thread each), and then compiles, warms up and times them one at a time.
+"exit" prints {"peak_rss_mb": ...} and exits. compare.py lets the two frameworks' workers set up at the
+same time (tracing and imports, one thread each), and then compiles, warms up and times them one at a time.
 The peak resident memory is that of the warm-up and the runs: the peak is reset after set-up
 (imports, model, compiling), so it counts what stays resident (libraries, weights, state)
 and what a run adds, not the compiler's own peak. After set-up and after each run the worker
@@ -38,8 +39,8 @@ from unittest import mock
 import numpy as np
 
 # images per run of each workload (benchmarks/compare.py reads it too)
-IMAGES = {"forward64": 64, "forward64_compiled": 64, "train16": 16, "train32": 32, "ddim50": 64, "fid1000": 1000,
-          "forward128": 128, "train128": 128}  # the last two for benchmarks/accelerator.py
+IMAGES = {"forward64": 64, "forward64_compiled": 64, "train16": 16, "train32": 32, "ddim50": 64,
+          "fid1000": 1000, "forward128": 128, "train128": 128}  # the last two for benchmarks/accelerator.py
 WORKLOADS = (*IMAGES, "matmul")
 
 
@@ -204,7 +205,8 @@ def torch_workload(name):
     if name == "fid1000":
         from pytorch_fid import inception as pytorch_fid_inception
 
-        state = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
+        state = pytorch_fid_inception._inception_v3(num_classes=1008, aux_logits=False,
+                                                    weights=None).state_dict()
         pytorch_fid_inception.load_state_dict_from_url = lambda *a, **k: state  # random weights, same work
         model = pytorch_fid_inception.InceptionV3([3]).eval()
         images = torch.from_numpy(_images(IMAGES[name])).permute(0, 3, 1, 2).float() / 255

@@ -23,7 +23,8 @@ class TrainState(NamedTuple):
     ema_params: Any
     opt_state: Any
     bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
-    loss_history: Any = None  # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
+    # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
+    loss_history: Any = None
 
 
 def out_channels(config) -> int:
@@ -34,8 +35,8 @@ def out_channels(config) -> int:
 def make_model(config) -> UNet:
     m = config.model
     return UNet(ch=m.ch, out_ch=out_channels(config), ch_mult=tuple(m.ch_mult),
-                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-                resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
+                num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
 
 
 def make_schedule(config) -> schedule.Schedule:
@@ -47,7 +48,8 @@ def make_schedule(config) -> schedule.Schedule:
 def learning_rate(config):
     """Linear warmup from 0 over ``warmup_steps``, then constant (the DDPM code's schedule)."""
     o = config.optim
-    return optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else optax.constant_schedule(o.lr)
+    return (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps
+            else optax.constant_schedule(o.lr))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -81,5 +83,6 @@ def apply_fn(model: UNet):
 
 
 def output_types(config) -> dict:
-    """What the network's output means: ``mean_type`` and ``var_type`` (``schedule.MEAN_TYPES``, ``VAR_TYPES``)."""
+    """What the network's output means: ``mean_type`` and ``var_type`` (``schedule.MEAN_TYPES``,
+    ``VAR_TYPES``)."""
     return dict(mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type)

@@ -53,21 +53,24 @@ def check_resume_settings(config, saved_config: dict, allow_config_change: bool)
                  if k in theirs and ours[k] != theirs[k] and not k.startswith(RESUMABLE_CHANGES)]
     if differing and not allow_config_change:
         raise ConfigError("the workdir's checkpoint was trained with other settings: " + ", ".join(differing)
-                          + "; resume with the checkpoint's settings, or add --allow_config_change to go on with these")
+                          + "; resume with the checkpoint's settings, or add --allow_config_change to go on "
+                          "with these")
     return differing
 
 
 def check_resume_compatible(config, saved_config: dict) -> None:
     """Refuse to resume a checkpoint whose network differs from the config's."""
     ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
-    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS if ours[k] != theirs[k]]
+    differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS
+                 if ours[k] != theirs[k]]
     if differing:
-        raise ConfigError("the workdir's checkpoint was made with a different network: " + ", ".join(differing)
-                          + "; use a new --workdir or the checkpoint's settings")
+        raise ConfigError("the workdir's checkpoint was made with a different network: "
+                          + ", ".join(differing) + "; use a new --workdir or the checkpoint's settings")
     theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # a config without the key: uniform
     if config.diffusion.timestep_sampler != theirs:
-        raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, the config "
-                          f"has {config.diffusion.timestep_sampler!r}; use a new --workdir or the checkpoint's setting")
+        raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, "
+                          f"the config has {config.diffusion.timestep_sampler!r}; use a new --workdir or the "
+                          "checkpoint's setting")
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
@@ -131,9 +134,10 @@ def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):
             return step, value
         _set_aside(manager, workdir, step, error or RuntimeError("unreadable on another process"))
     if tried:
-        raise CheckpointError(f"none of the checkpoints of steps {sorted(tried)} in {workdir / 'checkpoints'} can be "
-                              f"read; they were moved to {workdir / 'unreadable_checkpoints'}. Start a new --workdir, "
-                              "or restore them from a copy")
+        raise CheckpointError(f"none of the checkpoints of steps {sorted(tried)} in "
+                              f"{workdir / 'checkpoints'} can be read; they were moved to "
+                              f"{workdir / 'unreadable_checkpoints'}. Start a new --workdir, or restore them "
+                              "from a copy")
     return None, None
 
 
@@ -155,8 +159,8 @@ class Saves:
                 raise
             self.in_flight = None
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: {reason}; "
-                               "the checkpoints before it are intact") from e
+            raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: "
+                               f"{reason}; the checkpoints before it are intact") from e
 
     def save(self, step: int, args) -> None:
         self._guard(lambda: self.manager.save(step, args=args, force=True), step)
@@ -186,8 +190,9 @@ def _kind(path: epath.Path) -> str:
         return "converted"
     if (path / "state").is_dir() and (path / "config").is_dir():
         return "training"
-    raise CheckpointError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and params/) or "
-                          "a training checkpoint WORKDIR/checkpoints/STEP (with state/ and config/)")
+    raise CheckpointError(f"{path} is not a checkpoint: expected convert.py's output (with model/ and "
+                          "params/) or a training checkpoint WORKDIR/checkpoints/STEP (with state/ and "
+                          "config/)")
 
 
 def _training(workdir: epath.Path, step: int | None, which: str, config):
@@ -216,33 +221,36 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
         if step is None:  # the latest readable one; an unreadable one is set aside as train.py does
             step, (config, state) = latest_readable(manager, workdir, read)
         elif step not in steps:
-            raise CheckpointError(f"no checkpoint of step {step} in {directory}; there are steps {sorted(steps)}")
+            raise CheckpointError(f"no checkpoint of step {step} in {directory}; there are steps "
+                                  f"{sorted(steps)}")
         else:
             try:
                 config, state = read(step)
             except errors.Error:
                 raise
             except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
-                raise CheckpointError(f"the checkpoint of step {step} in {directory} cannot be read "
-                                      f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
+                raise CheckpointError(
+                    f"the checkpoint of step {step} in {directory} cannot be read "
+                    f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
     return Loaded(config, state.ema_params if which == "ema" else state.params,
                   f"{directory / str(step)} ({which})")
 
 
 def _converted(path: epath.Path, which: str, config):
     if which != "ema":
-        raise ConfigError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} does not "
-                          "apply (convert.py --raw chooses the raw TF weights when converting)")
+        raise ConfigError(f"{path} is a converted checkpoint with one set of parameters; params={which!r} "
+                          "does not apply (convert.py --raw chooses the raw TF weights when converting)")
     params, unet, image_shape = convert.load(path)
     config = config_lib.base() if config is None else ml_collections.ConfigDict(config.to_dict())
     expected = builders.out_channels(config)
     channels = image_shape[2]
     if channels != config.data.channels or unet.out_ch != expected:
-        raise ConfigError(f"{path} does not fit the config: the network takes {channels} channels and outputs "
-                          f"{unet.out_ch}, the config has data.channels={config.data.channels} and "
+        raise ConfigError(f"{path} does not fit the config: the network takes {channels} channels and "
+                          f"outputs {unet.out_ch}, the config has data.channels={config.data.channels} and "
                           f"diffusion.var_type={config.diffusion.var_type!r} (so {expected} outputs)")
     config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
-                        attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv, dropout=0.0)
+                        attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv,
+                        dropout=0.0)
     config.data.image_size = image_shape[0]
     return Loaded(config, params, str(path))
 
@@ -255,7 +263,8 @@ def load(*, workdir: str | None = None, checkpoint: str | None = None, step: int
     diffusion and sampling settings and must describe the checkpoint's network.
     """
     if (workdir is None) == (checkpoint is None):
-        raise ConfigError("give exactly one of --workdir (a training run) and --checkpoint (a checkpoint directory)")
+        raise ConfigError("give exactly one of --workdir (a training run) and --checkpoint "
+                          "(a checkpoint directory)")
     if which not in PARAMS:
         raise ConfigError(f"params must be one of {PARAMS}, got {which!r}")
     if checkpoint is not None:

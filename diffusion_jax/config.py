@@ -27,7 +27,8 @@ def base() -> ml_collections.ConfigDict:
     # timestep_sampler: 'uniform' (DDPM) or 'loss-second-moment' (improved DDPM's importance
     # sampling of t, for loss_type 'kl')
     c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mean_type="eps",
-                       var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3, timestep_sampler="uniform")
+                       var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3,
+                       timestep_sampler="uniform")
     c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                    ema_decay=0.9999, ema_warmup=False)
     # batch_size is global (all devices of all processes); a checkpoint every checkpoint_every
@@ -49,7 +50,8 @@ def base() -> ml_collections.ConfigDict:
     # diffusion_jax/evaluation/inception.py) and the NLL bound on nll_images images of
     # data.eval_split (0: skip either), both in batches of batch_size over all devices.
     c.eval = dict(num_samples=0, every=0, fid_samples=0, nll_images=0, batch_size=256,
-                  reference_stats=config_dict.placeholder(str), inception_weights=config_dict.placeholder(str))
+                  reference_stats=config_dict.placeholder(str),
+                  inception_weights=config_dict.placeholder(str))
     return c
 
 
@@ -73,10 +75,12 @@ def validate(config, num_devices: int, num_processes: int) -> None:
 
     for key in ("ch_mult", "attn_resolutions"):  # a command line can give them any text
         value = config.model[key]
-        need(isinstance(value, (tuple, list)) and all(isinstance(k, int) for k in value), f"model.{key}", value,
-             "a tuple of integers, such as --config.model.ch_mult='(1, 2, 2, 2)'")
-    d, m, diff, t, o, s = config.data, config.model, config.diffusion, config.train, config.optim, config.sample
-    need(d.name in input_pipeline.DATASETS, "data.name", d.name, f"one of {', '.join(input_pipeline.DATASETS)}")
+        need(isinstance(value, (tuple, list)) and all(isinstance(k, int) for k in value), f"model.{key}",
+             value, "a tuple of integers, such as --config.model.ch_mult='(1, 2, 2, 2)'")
+    d, m, diff, t, o, s = (config.data, config.model, config.diffusion, config.train, config.optim,
+                           config.sample)
+    need(d.name in input_pipeline.DATASETS, "data.name", d.name,
+         f"one of {', '.join(input_pipeline.DATASETS)}")
     levels = len(m.ch_mult)
     need(levels >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult, "positive integers")
     need(d.image_size > 0 and d.image_size % 2 ** (levels - 1) == 0, "data.image_size", d.image_size,
@@ -85,13 +89,16 @@ def validate(config, num_devices: int, num_processes: int) -> None:
          "channel counts ch * ch_mult[i] must be multiples of 32 (GroupNorm's 32 groups)")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
-    need(diff.schedule in schedule.SCHEDULES, "diffusion.schedule", diff.schedule, ", ".join(schedule.SCHEDULES))
+    need(diff.schedule in schedule.SCHEDULES, "diffusion.schedule", diff.schedule,
+         ", ".join(schedule.SCHEDULES))
     need(diff.num_timesteps >= 1, "diffusion.num_timesteps", diff.num_timesteps, ">= 1")
-    need(diff.mean_type in schedule.MEAN_TYPES, "diffusion.mean_type", diff.mean_type, ", ".join(schedule.MEAN_TYPES))
-    need(diff.var_type in schedule.VAR_TYPES, "diffusion.var_type", diff.var_type, ", ".join(schedule.VAR_TYPES))
+    need(diff.mean_type in schedule.MEAN_TYPES, "diffusion.mean_type", diff.mean_type,
+         ", ".join(schedule.MEAN_TYPES))
+    need(diff.var_type in schedule.VAR_TYPES, "diffusion.var_type", diff.var_type,
+         ", ".join(schedule.VAR_TYPES))
     losses.check_loss_type(diff.loss_type, diff.var_type)
-    need(diff.timestep_sampler in timestep_sampler.SAMPLERS, "diffusion.timestep_sampler", diff.timestep_sampler,
-         ", ".join(timestep_sampler.SAMPLERS))
+    need(diff.timestep_sampler in timestep_sampler.SAMPLERS, "diffusion.timestep_sampler",
+         diff.timestep_sampler, ", ".join(timestep_sampler.SAMPLERS))
     schedule.get_beta_schedule(diff.schedule, diff.num_timesteps, diff.beta_start, diff.beta_end)
     need(t.batch_size > 0 and t.batch_size % num_devices == 0, "train.batch_size", t.batch_size,
          f"a positive multiple of the {num_devices} devices")
@@ -101,7 +108,8 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(t.keep_period >= 0, "train.keep_period", t.keep_period, ">= 0 (0: keep none for good)")
-    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip > 0, "optim", dict(o), "lr > 0, warmup_steps >= 0, grad_clip > 0")
+    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip > 0, "optim", dict(o),
+         "lr > 0, warmup_steps >= 0, grad_clip > 0")
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1)")
     registered = sampler_registry.SAMPLERS
     need(s.sampler in registered, "sample.sampler", s.sampler, ", ".join(registered))

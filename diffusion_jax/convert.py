@@ -73,7 +73,8 @@ def _diffusers_path(name: str, levels: int):
         path = top[stem]
     elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", stem):
         side, level, kind_of, index, layer = m.groups()
-        level = int(level) if side == "down" else levels - 1 - int(level)  # diffusers' up_blocks start at the bottom
+        # diffusers' up_blocks start at the bottom
+        level = int(level) if side == "down" else levels - 1 - int(level)
         block = "block" if kind_of == "resnets" else "attn"
         if layer not in _DIFFUSERS_LAYERS:
             return None
@@ -105,7 +106,9 @@ def unet_kwargs_from_diffusers_config(config: dict) -> dict:
     channels = list(config["block_out_channels"])
     ch = channels[0]
     head_dim = config.get("attention_head_dim")
-    if head_dim is not None and any(head_dim != c for c, t in zip(channels, config["down_block_types"]) if "Attn" in t):
+    # strict=False: lists of different lengths are a malformed config (diffusers refuses it), not checked here
+    if head_dim is not None and any(
+            head_dim != c for c, t in zip(channels, config["down_block_types"], strict=False) if "Attn" in t):
         different["attention_head_dim"] = (head_dim, "None (one head, as DDPM)")
     if any(c % ch for c in channels):
         different["block_out_channels"] = (channels, "multiples of the first entry")
@@ -195,7 +198,8 @@ def load_tf_checkpoint(prefix: str, *, ema: bool = True):
 def fit(flat: dict, model: UNet, image_shape) -> dict:
     """The nested params tree, after checking names and shapes against ``model``."""
     abstract = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32))
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape)),
+                           jnp.zeros((1,), jnp.int32))
     )
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract["params"]).items()}
     name = "/".join
@@ -238,16 +242,21 @@ def load(directory: str):
 
 def main(argv=None):
     xla_flags.set_defaults()  # before JAX starts its backends
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--diffusers", metavar="DIR", help="a diffusers UNet2DModel directory")
     source.add_argument("--tf-checkpoint", metavar="PREFIX", help="an original DDPM TF checkpoint prefix")
     parser.add_argument("--out", required=True, help="new directory for the converted checkpoint")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="the network to fit (default: from config.json; ddpm_cifar10 for TF checkpoints)")
-    parser.add_argument("--image-size", type=int, default=None, help="image side for TF checkpoints (default 32)")
-    parser.add_argument("--out-ch", type=int, default=3, help="output channels for TF checkpoints (6: learned variance)")
-    parser.add_argument("--raw", action="store_true", help="TF checkpoints: take the raw weights, not the EMA copies")
+                        help="the network to fit (default: from config.json; ddpm_cifar10 for TF "
+                             "checkpoints)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side for TF checkpoints (default 32)")
+    parser.add_argument("--out-ch", type=int, default=3,
+                        help="output channels for TF checkpoints (6: learned variance)")
+    parser.add_argument("--raw", action="store_true",
+                        help="TF checkpoints: take the raw weights, not the EMA copies")
     args = parser.parse_args(argv)
     try:
         if args.diffusers:

@@ -1,4 +1,5 @@
-"""The sampling figures of the papers, as PNG grids: progressive generation, the two interpolations, reconstruction.
+"""The sampling figures of the papers, as PNG grids: progressive generation, the two interpolations,
+reconstruction.
 
 Each takes the config and parameters of a model (see ``checkpoints.load``), a handful of
 rows, and writes ``OUT/<figure>.png`` from process 0. Rows are few, so each figure is one
@@ -41,7 +42,8 @@ class Model:
         d = self.config.data
         images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
         if len(images) < num:
-            raise DataError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than {num}")
+            raise DataError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than "
+                            f"{num}")
         return image_io.from_uint8(images[:num])
 
 
@@ -59,7 +61,8 @@ def _row_major(stacked):
 
 
 def progressive(m: Model, rng, out: epath.Path, num: int) -> list[str]:
-    """DDPM Fig. 6: x_t and the predicted x_0 at ``NUM_RECORDED`` timesteps from T-1 to 0, one row an image."""
+    """DDPM Fig. 6: x_t and the predicted x_0 at ``NUM_RECORDED`` timesteps from T-1 to 0, one row an
+    image."""
     visited = sample_lib.sampler_timesteps(m.config, m.sched)
     visited = np.arange(m.config.diffusion.num_timesteps) if visited is None else visited
     picks = np.unique(np.linspace(0, len(visited) - 1, NUM_RECORDED).round().astype(int))

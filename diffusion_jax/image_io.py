@@ -17,7 +17,8 @@ def to_uint8(x) -> np.ndarray:
 
 
 def from_uint8(images):
-    """uint8 images (NumPy or JAX) to model space: x / 127.5 - 1, in [-1, 1] (the DDPM code's data scaling)."""
+    """uint8 images (NumPy or JAX) to model space: x / 127.5 - 1, in [-1, 1] (the DDPM code's data
+    scaling)."""
     return images.astype(np.float32) / 127.5 - 1.0
 
 
@@ -34,11 +35,16 @@ def grid(images: np.ndarray, *, columns: int | None = None, scale: int = 1) -> n
     return out.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def save_png(image: np.ndarray, path) -> None:
-    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG to ``path`` (any filesystem of ``storage``)."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 [H, W, C] image (C = 1 or 3) encoded as PNG."""
     png = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
-    storage.write_bytes(storage.path(path), png.getvalue())
+    return png.getvalue()
+
+
+def save_png(image: np.ndarray, path) -> None:
+    """Write a uint8 [H, W, C] image as a PNG to ``path`` (any filesystem of ``storage``)."""
+    storage.write_bytes(storage.path(path), png_bytes(image))
 
 
 def save_grid(images: np.ndarray, path, *, columns: int | None = None, scale: int = 1) -> None:

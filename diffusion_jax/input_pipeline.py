@@ -58,7 +58,8 @@ def _not_prepared(tfds_name: str, builder) -> DatasetNotPreparedError:
         "(datasets with manual downloads: see the config's docstring)")
 
 
-def num_examples(name: str, split: str, *, data_dir=None, process_index: int = 0, process_count: int = 1) -> int:
+def num_examples(name: str, split: str, *, data_dir=None, process_index: int = 0,
+                 process_count: int = 1) -> int:
     """How many images of ``split`` this process's share (``load``) holds, from the dataset's metadata:
     nothing is read, so that a run can check its batch before it writes anything."""
     if name == "digits":
@@ -115,11 +116,13 @@ def load(name: str, split: str, *, image_size: int, data_dir=None, process_index
 def check_batch_size(num_examples: int, batch_size: int) -> None:
     """A batch holds each of a process's examples at most once (``batch_indices``)."""
     if batch_size > num_examples:
-        raise ConfigError(f"a batch of {batch_size} images a process is more than the {num_examples} training "
-                          "examples this process holds: lower train.batch_size (the global batch of all processes)")
+        raise ConfigError(f"a batch of {batch_size} images a process is more than the {num_examples} "
+                          "training examples this process holds: lower train.batch_size (the global batch of "
+                          "all processes)")
 
 
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, process_index: int = 0) -> np.ndarray:
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int,
+                  process_index: int = 0) -> np.ndarray:
     """Indices of the examples of this process's batch at ``step``.
 
     Step s reads positions [s B, (s + 1) B) of the endless sequence made of one seeded

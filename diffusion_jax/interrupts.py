@@ -52,8 +52,8 @@ class Signals:
         name = signal.Signals(signum).name
         if self.deferring and self.received is None:
             self.received = signum
-            print(f"{name}: saving after this step, then stopping ({name} again stops at once, without saving)",
-                  flush=True)
+            print(f"{name}: saving after this step, then stopping ({name} again stops at once, without "
+                  "saving)", flush=True)
             return
         self.received = signum
         raise Interrupted(signum, "stopped at once; nothing after the last checkpoint was saved")

@@ -25,13 +25,15 @@ from diffusion_jax.errors import ConfigError
 
 DEVICE_FILES = ("/dev/accel*", "/dev/nvidia*")
 # what Cloud TPU VMs and their runtimes set (not TPU_SKIP_MDS_QUERY, which JAX itself sets on any host)
-TPU_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")
+TPU_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES",
+                 "CLOUD_TPU_TASK_ID")
 
 
 def define_distributed_flags() -> None:
     """The flags of multi-process runs, as the entry points take them."""
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-process runs)")
-    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, where JAX cannot find the cluster")
+    flags.DEFINE_string("coordinator_address", None,
+                        "HOST:PORT of process 0, where JAX cannot find the cluster")
     flags.DEFINE_integer("num_processes", None, "number of processes, with --coordinator_address")
     flags.DEFINE_integer("process_id", None, "this process's index, with --coordinator_address")
 
@@ -49,9 +51,10 @@ def cpu_warning(backend: str, signs: list[str]) -> str | None:
     if backend != "cpu" or not signs:
         return None
     shown = ", ".join(signs[:4]) + (" ..." if len(signs) > 4 else "")
-    return (f"warning: JAX runs on the CPU, but this host has {shown}: JAX for the accelerator is not installed "
-            "or cannot reach it. Install it with pip install 'jax[tpu]' or 'jax[cuda12]' at the pinned version "
-            "(README.md, 'Install on a TPU VM, a GPU box, a pod') and check python -c 'import jax; print(jax.devices())'")
+    return (f"warning: JAX runs on the CPU, but this host has {shown}: JAX for the accelerator is not "
+            "installed or cannot reach it. Install it with pip install 'jax[tpu]' or 'jax[cuda12]' at the "
+            "pinned version (README.md, 'Install on a TPU VM, a GPU box, a pod') and check "
+            "python -c 'import jax; print(jax.devices())'")
 
 
 def startup_line() -> str:
@@ -60,8 +63,9 @@ def startup_line() -> str:
 
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
-    line = (f"JAX {jax.__version__}: backend {jax.default_backend()}, {len(devices)} device(s) ({', '.join(kinds)}), "
-            f"{jax.local_device_count()} on this host; process {jax.process_index()} of {jax.process_count()}")
+    line = (f"JAX {jax.__version__}: backend {jax.default_backend()}, {len(devices)} device(s) "
+            f"({', '.join(kinds)}), {jax.local_device_count()} on this host; process {jax.process_index()} "
+            f"of {jax.process_count()}")
     if jax.default_backend() == "cpu":
         from diffusion_jax.models import onednn
 

@@ -1,4 +1,5 @@
-"""What a run prints on the console: one-line messages and progress lines with rate and ETA, from process 0."""
+"""What a run prints on the console: one-line messages and progress lines with rate and ETA, from
+process 0."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Progress:
     place at each call; in a log, a line every ``every`` seconds, and the first and the last."""
 
     def __init__(self, label: str, unit: str = "img", every: float = 30.0):
-        self.label, self.unit, self.every, self._first, self._printed = label, unit, every, None, -float("inf")
+        self.label, self.unit, self.every, self._first, self._printed = (label, unit, every, None,
+                                                                          -float("inf"))
 
     def __call__(self, done: int, total: int) -> None:
         if jax.process_index() != 0:

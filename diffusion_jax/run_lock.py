@@ -37,7 +37,8 @@ SETTLE_SECONDS = 2.0
 def _owner_text(owner: dict) -> str:
     age = time.time() - owner.get("refreshed", 0)
     return (f"run {owner.get('run_id')} of host {owner.get('host')}, pid {owner.get('pid')}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}, last seen {age:.0f} s ago")
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}, "
+            f"last seen {age:.0f} s ago")
 
 
 def is_gone(owner: dict) -> bool:
@@ -64,8 +65,8 @@ class RunLock:
     def __init__(self, workdir: epath.Path, *, take_over: bool = False):
         self.path = workdir / LOCK_FILE
         now = time.time()
-        self.owner = dict(host=socket.gethostname(), pid=os.getpid(), run_id=secrets.token_hex(8), started=now,
-                          refreshed=now)
+        self.owner = dict(host=socket.gethostname(), pid=os.getpid(), run_id=secrets.token_hex(8),
+                          started=now, refreshed=now)
         self._acquire(take_over)
 
     def _read(self) -> dict | None:
@@ -99,15 +100,16 @@ class RunLock:
         owner = self._read() or {}
         gone, stale = is_gone(owner), is_stale(owner)
         if not (gone or stale and take_over):
-            advice = (f"it was not refreshed for {STALE_AFTER_SECONDS // 60} minutes: if that run is gone, add "
-                      "--take_over_lock" if stale else "wait for it to end, or use another --workdir")
+            advice = (f"it was not refreshed for {STALE_AFTER_SECONDS // 60} minutes: if that run is gone, "
+                      "add --take_over_lock" if stale else "wait for it to end, or use another --workdir")
             raise StorageError(f"{self.path.parent} is in use by {_owner_text(owner)}; {advice}")
         print(f"taking over the lock of {_owner_text(owner)}, which is "
               f"{'gone' if gone else 'stale'}", flush=True)
         storage.write_bytes(self.path, json.dumps(self.owner).encode())
 
     def refresh(self, every: float = 0.0) -> None:
-        """Renew the lock (if it is ``every`` seconds old); a StorageError if another run has taken it over."""
+        """Renew the lock (if it is ``every`` seconds old); a StorageError if another run has taken it
+        over."""
         if time.time() - self.owner["refreshed"] < every:
             return
         current = self._read()

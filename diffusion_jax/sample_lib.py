@@ -8,7 +8,6 @@ process, and resume after the last complete one.
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 from etils import epath

@@ -16,7 +16,8 @@ predicted from it (DDPM figure 6, "progressive generation").
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,8 @@ def _ddim_chain(sched: sch.Schedule, timesteps):
 
 def _check_input(x_T, rng, needs_rng: bool) -> None:
     if getattr(x_T, "ndim", 0) < 2:
-        raise ValueError(f"x_T must be a batch [B, ...] of at least 2 dimensions, got {getattr(x_T, 'shape', x_T)}")
+        raise ValueError(f"x_T must be a batch [B, ...] of at least 2 dimensions, got "
+                         f"{getattr(x_T, 'shape', x_T)}")
     if needs_rng and rng is None:
         raise ValueError("rng is required: this sampler adds noise (pass a jax.random key)")
 
@@ -100,7 +102,8 @@ def _reverse_loop(step, x_T, timesteps: np.ndarray, record: Sequence[int], state
     record = list(record)
     missing = [r for r in record if r not in set(timesteps.tolist())]
     if missing:
-        raise ValueError(f"record timesteps {missing} are not among the sampled timesteps {timesteps.tolist()}")
+        raise ValueError(f"record timesteps {missing} are not among the sampled timesteps "
+                         f"{timesteps.tolist()}")
     slot = np.full(len(timesteps), len(record), np.int32)  # out of range: not recorded
     for k, r in enumerate(record):
         slot[int(np.flatnonzero(timesteps == r)[0])] = k
@@ -192,7 +195,8 @@ def ddim_sample(
 
     def step(x, state, i):
         t = jnp.full((batch,), model_t[i], jnp.int32)
-        eps, pred_x0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type, clip_x0=clip_x0)
+        eps, pred_x0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type,
+                                   clip_x0=clip_x0)
         var = eta**2 * chain.posterior_variance[i]  # sigma^2 of eq. 16, beta~ of the subsequence
         direction = jnp.sqrt(jnp.maximum(one_minus_prev[i] - var, 0.0))
         x_prev = jnp.sqrt(chain.alphas_cumprod_prev[i]) * pred_x0 + direction * eps
@@ -293,7 +297,8 @@ def _dpm_solver_coefficients(sched: sch.Schedule, steps: np.ndarray, order: int,
         h_pair = h + h_prev
         phi_pair = jnp.expm1(-h_pair)
         r = h_prev / h_pair
-        pair = jnp.stack([-0.5 * alpha_t * phi_pair / r, -alpha_t * phi_pair * (1 - 0.5 / r), jnp.zeros(n)], axis=1)
+        pair = jnp.stack([-0.5 * alpha_t * phi_pair / r, -alpha_t * phi_pair * (1 - 0.5 / r), jnp.zeros(n)],
+                         axis=1)
         w = jnp.where(from_start[:, None], pair, w)
         c = jnp.where(from_start, sigma_t / sigma_start, c)
     return c, w, jnp.asarray(from_start)

@@ -19,7 +19,8 @@ Variance types (``var_type``): ``fixed_small`` (sigma^2 = beta~_t), ``fixed_larg
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -39,8 +39,8 @@ def path(value, *, what: str = "path") -> epath.Path:
     if not separator:
         return epath.Path(text).expanduser().resolve()
     if scheme not in URL_SCHEMES:
-        raise StorageError(f"{what} {text}: {scheme}:// is not a filesystem this program can open; use a local "
-                           f"path or one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+        raise StorageError(f"{what} {text}: {scheme}:// is not a filesystem this program can open; use a "
+                           f"local path or one of {', '.join(s + '://' for s in URL_SCHEMES)}")
     return epath.Path(text)
 
 
@@ -49,8 +49,8 @@ def checkpoint_path(value, *, what: str = "workdir") -> epath.Path:
     result = path(value, what=what)
     scheme = os.fspath(result).partition("://")[0]
     if "://" in os.fspath(result) and scheme not in CHECKPOINT_SCHEMES:
-        raise StorageError(f"{what} {result}: Orbax checkpoints are written to local paths and gs:// only, not "
-                           f"{scheme}://; use a bucket on gs:// or a filesystem mounted on every host")
+        raise StorageError(f"{what} {result}: Orbax checkpoints are written to local paths and gs:// only, "
+                           f"not {scheme}://; use a bucket on gs:// or a filesystem mounted on every host")
     return result
 
 
@@ -152,6 +152,6 @@ def check_shared(directory: epath.Path) -> None:
         marker.unlink()
     if not everyone.all():
         blind = ", ".join(str(i) for i in np.flatnonzero(~everyone))
-        raise StorageError(f"{directory} is not shared between the processes: process(es) {blind} cannot see a file "
-                           "that process 0 wrote there; give a directory every host reads and writes (gs://bucket/... "
-                                  "or a shared filesystem)")
+        raise StorageError(f"{directory} is not shared between the processes: process(es) {blind} cannot "
+                           "see a file that process 0 wrote there; give a directory every host reads and "
+                           "writes (gs://bucket/... or a shared filesystem)")

@@ -1,12 +1,14 @@
 """A run's TensorBoard log, ``WORKDIR/tensorboard``: scalars, images and the hyperparameters.
 
-The summaries are built by tensorboardX (``tensorboardX.summary``: the protos that TensorBoard's
-scalar, image and hparams dashboards read, images PNG-encoded) and written as TFRecord event
-files through ``etils.epath``, like every other file of a run, so that a gs:// workdir works on
-any host with the credentials the checkpoints use. (tensorboardX's own writer opens gs:// with
-another client and uploads the whole file again at each flush; clu's writers import TensorFlow,
-~5 s of every start, and reach gs:// through TF's filesystem only.) Process 0 writes; on the
-other processes every call does nothing.
+The events are TensorBoard's own protos, made by TensorBoard's own summary functions where it
+has TensorFlow-free ones (``scalar_pb``, ``hparams_pb``) and, for images, as the PNG image
+summary that its image dashboard reads; they are written as TFRecord event files with
+TensorBoard's ``RecordWriter`` through ``etils.epath``, like every other file of a run, so a
+gs:// workdir works on any host with the credentials the checkpoints use. Two kept writers were
+tried and not taken: tensorboardX imports PyTorch wherever it is installed (as on most GPU
+hosts: +370 MB resident in every training process, measured with ``benchmarks.compare``), and
+clu's writers import TensorFlow (~5 s of every start) and reach gs:// only through TF's
+filesystem. Process 0 writes; on the other processes every call does nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import time
 import jax
 import numpy as np
 from etils import epath
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
-from tensorboardX import summary
-from tensorboardX.proto.event_pb2 import Event
-from tensorboardX.proto.summary_pb2 import Summary
+
+from diffusion_jax import image_io
 
 
 class Writer:
@@ -40,27 +45,29 @@ class Writer:
         self._records.write(event.SerializeToString())
         self._records.flush()
 
-    def _summary(self, step: int, values) -> None:
-        self._write(Event(step=step, summary=Summary(value=[v for s in values for v in s.value])))
+    def _summary(self, step: int, values: list) -> None:
+        self._write(Event(step=step, summary=Summary(value=values)))
 
     def scalars(self, step: int, values: dict) -> None:
         """``{name: number}`` at ``step``."""
         if self.enabled:
-            self._summary(step, [summary.scalar(name, float(value)) for name, value in values.items()])
+            self._summary(step, [v for name, value in values.items()
+                                 for v in scalar_pb(name, float(value)).value])
 
     def images(self, step: int, images: dict) -> None:
-        """``{name: uint8 [H, W, C] image}`` at ``step`` (C = 1 or 3)."""
+        """``{name: uint8 [H, W, C] image}`` at ``step`` (C = 1 or 3), PNG-encoded."""
         if self.enabled:
-            self._summary(step, [summary.image(name, np.asarray(image), dataformats="HWC")
-                                 for name, image in images.items()])
+            self._summary(step, [Summary.Value(tag=name, image=Summary.Image(
+                height=image.shape[0], width=image.shape[1], colorspace=image.shape[2],
+                encoded_image_string=image_io.png_bytes(np.asarray(image))))
+                for name, image in images.items()])
 
-    def hparams(self, hparams: dict, metrics: tuple[str, ...]) -> None:
-        """The run's settings (``{key: number, string or bool}``) for the HParams dashboard, which shows
-        them beside the last values of the scalars ``metrics``."""
+    def hparams(self, hparams: dict) -> None:
+        """The run's settings (``{key: number, string or bool}``; others as strings) for the HParams
+        dashboard, which shows them beside the run's scalars."""
         if self.enabled:
             values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
-            for proto in summary.hparams(values, {name: 0.0 for name in metrics}):
-                self._write(Event(summary=proto))
+            self._write(Event(summary=hparams_pb(values)))
 
     def close(self) -> None:
         if self.enabled:

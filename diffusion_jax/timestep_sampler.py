@@ -25,7 +25,8 @@ class LossHistory(NamedTuple):
 
 
 def init_history(num_timesteps: int, history: int = 10) -> LossHistory:
-    return LossHistory(jnp.zeros((num_timesteps, history), jnp.float32), jnp.zeros((num_timesteps,), jnp.int32))
+    return LossHistory(jnp.zeros((num_timesteps, history), jnp.float32),
+                       jnp.zeros((num_timesteps,), jnp.int32))
 
 
 def probabilities(hist: LossHistory, uniform_prob: float = 1e-3) -> jnp.ndarray:
@@ -45,7 +46,8 @@ def sample(hist: LossHistory, rng, batch_size: int):
 
 
 def update(hist: LossHistory, t, losses) -> LossHistory:
-    """Record per-example ``losses`` [B] at timesteps ``t`` [B], in batch order; a full row drops its oldest."""
+    """Record per-example ``losses`` [B] at timesteps ``t`` [B], in batch order; a full row drops its
+    oldest."""
     size = hist.losses.shape[1]
 
     def record(i, h):

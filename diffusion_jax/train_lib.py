@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,8 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
             return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
 
         per_example = losses.losses_at(model_fn, sched, batch, t, noise, loss_type=d.loss_type,
-                                       mean_type=d.mean_type, var_type=d.var_type, hybrid_lambda=d.hybrid_lambda)
+                                       mean_type=d.mean_type, var_type=d.var_type,
+                                       hybrid_lambda=d.hybrid_lambda)
         return jnp.mean(weights * per_example), per_example
 
     (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -86,7 +88,8 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = config.optim.ema_decay
-        if config.optim.ema_warmup:  # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
+        # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
+        if config.optim.ema_warmup:
             decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
         return state._replace(
             params=params, ema_params=optax.incremental_update(params, state.ema_params, 1.0 - decay),
@@ -140,7 +143,8 @@ def _take_lock(workdir: epath.Path, take_over: bool) -> run_lock.RunLock | None:
         except StorageError as e:
             error = e
     if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
-        error = error or StorageError(f"process 0 could not take the lock of {workdir} (its message says why)")
+        error = error or StorageError(f"process 0 could not take the lock of {workdir} "
+                                      "(its message says why)")
     if error is not None:
         raise error
     return lock
@@ -155,8 +159,9 @@ def _record_start(workdir: epath.Path, config, lock: run_lock.RunLock) -> None:
 def _check_finite(state: TrainState, last_good: int | None) -> None:
     bad = int(state.bad_step)  # the index of the step, from 0; the console counts the steps done, from 1
     if bad >= 0:
-        raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated from then "
-                             f"on and nothing after it was saved (last good checkpoint: step {last_good})")
+        raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated "
+                             "from then on and nothing after it was saved (last good checkpoint: step "
+                             f"{last_good})")
 
 
 class _Log:
@@ -180,13 +185,14 @@ class _Log:
     def __call__(self, done: int, state: TrainState) -> None:
         fetched = jax.device_get(self.pending)  # one transfer for the interval's metrics
         means = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm", "lr")}
-        sums, counts = (np.sum([m[k] for m in fetched], axis=0) for k in ("loss_sum_by_quarter", "count_by_quarter"))
+        sums, counts = (np.sum([m[k] for m in fetched], axis=0)
+                        for k in ("loss_sum_by_quarter", "count_by_quarter"))
         for q in range(4):  # the loss where t is in each quarter of [0, T), over the interval's examples
             if counts[q]:
                 means[f"loss_by_t/{q * self.T // 4}-{(q + 1) * self.T // 4 - 1}"] = float(sums[q] / counts[q])
         now = time.perf_counter()
-        line = f"step {done}/{self.num_steps}  loss {means['loss']:.4f}  grad norm {means['grad_norm']:.3f}  " \
-               f"lr {means['lr']:.2e}"
+        line = (f"step {done}/{self.num_steps}  loss {means['loss']:.4f}  "
+                f"grad norm {means['grad_norm']:.3f}  lr {means['lr']:.2e}")
         if self.tick_step is not None and done > self.tick_step:
             rate = (done - self.tick_step) / (now - self.tick)
             means.update(steps_per_sec=rate, images_per_sec=rate * self.batch_size)
@@ -217,7 +223,8 @@ def make_evaluators(config, trainer: Trainer, images: np.ndarray, heldout: np.nd
     if e.every and e.fid_samples:
         from diffusion_jax.evaluation import report
 
-        scorer = report.Evaluator(config.data, reference_stats=e.reference_stats, inception_weights=e.inception_weights)
+        scorer = report.Evaluator(config.data, reference_stats=e.reference_stats,
+                                  inception_weights=e.inception_weights)
         found.append(evaluators_lib.FidIs(e.every, trainer.generate, scorer, e.fid_samples, e.batch_size))
     if e.every and e.nll_images:
         from diffusion_jax.evaluation import likelihood
@@ -288,9 +295,10 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     storage.check_reachable(workdir, what="workdir")
     d, t = config.data, config.train
     process, processes = jax.process_index(), jax.process_count()
-    input_pipeline.check_batch_size(input_pipeline.num_examples(d.name, d.train_split, data_dir=d.data_dir,
-                                                                process_index=process, process_count=processes),
-                                    t.batch_size // processes)  # before anything is written
+    input_pipeline.check_batch_size(
+        input_pipeline.num_examples(d.name, d.train_split, data_dir=d.data_dir, process_index=process,
+                                    process_count=processes),
+        t.batch_size // processes)  # before anything is written
     storage.check_writable(workdir, what="workdir")
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
@@ -325,8 +333,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
         start = int(state.step)
         writer = summaries.Writer(workdir / "tensorboard")
-        writer.hparams(config_lib.flatten(config), ("loss", "eval/fid", "eval/inception_score", "eval/nll_bpd",
-                                                    "swd/ema_model"))
+        writer.hparams(config_lib.flatten(config))
         saves = checkpoints.Saves(manager)
         log = _Log(writer, t.batch_size, t.num_steps, config.diffusion.num_timesteps)
 
@@ -343,12 +350,14 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
             _check_finite(state, last_good)
             log(done, state)
 
-        periodic = [_Periodic(t.log_every, log_finite, at_stop=True), _Periodic(t.checkpoint_every, save, at_stop=True)]
-        periodic += [_Periodic(e.every, functools.partial(_evaluate, e, workdir, writer, log, sample_rng)) for e in evaluators]
+        periodic = [_Periodic(t.log_every, log_finite, at_stop=True),
+                    _Periodic(t.checkpoint_every, save, at_stop=True)]
+        periodic += [_Periodic(e.every, functools.partial(_evaluate, e, workdir, writer, log, sample_rng))
+                     for e in evaluators]
         if t.profile_steps:
             periodic.append(_Periodic(1, _profile(workdir, start + 1, t.profile_steps)))
-        prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes, seed=config.seed,
-                                             randflip=d.randflip, process_index=process)
+        prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes,
+                                             seed=config.seed, randflip=d.randflip, process_index=process)
         if start < t.num_steps:
             console(f"compiling the train step (step {start + 1} of {t.num_steps} next)")
         try:
@@ -369,7 +378,8 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                         action.run(done, state)
                 if stop:  # the save completes in the finally below, or its failure is the error
                     signum = signals.received if processes == 1 else signal.SIGTERM
-                    raise interrupts.Interrupted(signum, f"saved step {done}; the same command resumes from it")
+                    raise interrupts.Interrupted(signum,
+                                                 f"saved step {done}; the same command resumes from it")
         finally:
             prefetch.close()
             try:

@@ -51,7 +51,8 @@ def scatter_png(panels, path, size=220):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/quickstart")
     parser.add_argument("--samples", type=int, default=4000)
     args = parser.parse_args()
@@ -77,7 +78,8 @@ def main():
     for name, samples in runs.items():
         print(f"  {name:<22}{sliced_wasserstein(np.asarray(samples, np.float64), data):.4f}")
     plot = os.path.join(args.out, "samples.png")
-    scatter_png([("data", data)] + [(k, v) for k, v in runs.items() if k in ("DDPM-1000", "DDIM-10", "DDIM-50")], plot)
+    scatter_png([("data", data)]
+                + [(k, v) for k, v in runs.items() if k in ("DDPM-1000", "DDIM-10", "DDIM-50")], plot)
 
     grid = -1 + 2 * np.arange(256) / 255
     p = np.exp(-0.5 * (grid / 0.3) ** 2)
@@ -85,7 +87,8 @@ def main():
     entropy = -np.sum(p * np.log2(p))
     pixels = jnp.asarray(np.random.default_rng(2).choice(grid, size=(512, 4, 4, 1), p=p), jnp.float32)
     gauss_eps = analytic.gaussian_mixture_eps(sched, [1.0], [0.0], [0.09])
-    bound = jax.jit(lambda x: losses.bits_per_dim(gauss_eps, sched, x, jax.random.PRNGKey(3), **TYPES))(pixels)
+    bound = jax.jit(lambda x: losses.bits_per_dim(gauss_eps, sched, x, jax.random.PRNGKey(3),
+                                                  **TYPES))(pixels)
     print(f"8-bit pixels ~ N(0, 0.3^2): bound {float(bound.total.mean()):.3f} bits/dim "
           f"(prior {float(bound.prior.mean()):.5f}), true entropy {entropy:.3f}")
     print(f"wrote {plot} in {time.perf_counter() - start:.0f} s")

@@ -1,9 +1,9 @@
 """Fixtures shared by the test modules."""
 
 import pytest
+import scripts
 import triton  # noqa: F401  (before TensorFlow: see below)
 
-import scripts
 from diffusion_jax import xla_flags
 
 # torch 2.14.1's wheel brings triton, which diffusers loads through torch._dynamo; its
@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         groups = sorted({ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER})
         if len(groups) > 1:
-            raise ValueError(f"{item.nodeid} needs the fixtures of the groups {groups}: make them one in ONE_WORKER")
+            raise ValueError(f"{item.nodeid} needs the fixtures of the groups {groups}: make them one in "
+                             "ONE_WORKER")
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups[0]))
 
@@ -38,8 +39,8 @@ def tests_in_their_worker_groups(request):
     for item in request.session.items:
         group = next((mark.args[0] for mark in item.iter_markers("xdist_group")), None)
         if group is not None and not item.nodeid.endswith(f"@{group}"):
-            pytest.fail(f"pytest-xdist did not put {item.nodeid} in its group {group!r}, so the group's fixtures "
-                        "would be built on every worker: pytest 9.2 with pytest-xdist 3.8 does that "
+            pytest.fail(f"pytest-xdist did not put {item.nodeid} in its group {group!r}, so the group's "
+                        "fixtures would be built on every worker: pytest 9.2 with pytest-xdist 3.8 does that "
                         "(pytest-dev/pytest-xdist#1386); install requirements-test.txt")
 
 

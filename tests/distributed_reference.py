@@ -23,14 +23,16 @@ def main(config_path, out):
     spec.loader.exec_module(module)
     config = module.get_config()
     d, t = config.data, config.train
-    halves = [input_pipeline.load(d.name, d.train_split, image_size=d.image_size, process_index=i, process_count=2)
+    halves = [input_pipeline.load(d.name, d.train_split, image_size=d.image_size, process_index=i,
+                                  process_count=2)
               for i in range(2)]
     trainer = train_lib.Trainer(config)
     init_rng, train_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     state = trainer.init(init_rng)
     for step in range(t.num_steps):
-        batch = np.concatenate([input_pipeline.make_batch(h, step, batch_size=t.batch_size // 2, seed=config.seed,
-                                                          randflip=d.randflip, process_index=i)
+        batch = np.concatenate([input_pipeline.make_batch(h, step, batch_size=t.batch_size // 2,
+                                                          seed=config.seed, randflip=d.randflip,
+                                                          process_index=i)
                                 for i, h in enumerate(halves)])
         state, _ = trainer.step(state, trainer.global_batch(batch), train_rng)
     leaves = jax.tree_util.tree_leaves(state.params)

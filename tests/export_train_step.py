@@ -28,8 +28,8 @@ def main(config_name):
     config = importlib.import_module(f"configs.{config_name}").get_config()
     trainer = train_lib.Trainer(config)
     d = config.data
-    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels), jnp.float32,
-                                 sharding=trainer.data_sharding)
+    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
+                                 jnp.float32, sharding=trainer.data_sharding)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
     result = {}
     for platform in ("tpu", "cuda"):
@@ -38,7 +38,8 @@ def main(config_name):
         result[platform] = dict(
             in_specs=[str(s.spec) for s in exported.in_shardings_jax(trainer.mesh)],
             out_specs=[str(s.spec) for s in exported.out_shardings_jax(trainer.mesh)],
-            nr_devices=exported.nr_devices, donated=text.count("tf.aliasing_output") + text.count("jax.buffer_donor"),
+            nr_devices=exported.nr_devices,
+            donated=text.count("tf.aliasing_output") + text.count("jax.buffer_donor"),
             custom_calls=sorted(set(re.findall(r"custom_call @([\w.$-]+)", text))))
     print(json.dumps(result))
 

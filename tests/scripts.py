@@ -18,9 +18,9 @@ atexit.register(shutil.rmtree, COMPILATION_CACHE, True)
 
 
 def environment(devices=1, **variables):
-    return dict(os.environ, **variables, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", TF_CPP_MIN_LOG_LEVEL="3",
-                JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(os.environ, **variables, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def command(script, *args):
@@ -30,8 +30,8 @@ def command(script, *args):
 def run(script, *args, devices=1, expect=0, timeout=900, cwd=None, **variables):
     """Run ``script`` with ``args`` (in ``cwd``, with environment ``variables`` added); assert its exit
     status is ``expect`` and return the result."""
-    result = subprocess.run(command(script, *args), env=environment(devices, **variables), capture_output=True,
-                            text=True, timeout=timeout, cwd=cwd)
+    result = subprocess.run(command(script, *args), env=environment(devices, **variables),
+                            capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -52,16 +52,17 @@ def run_distributed(script, *args, processes=2, devices=2, timeout=900, **variab
     """Run ``script`` as ``processes`` processes of ``devices`` CPU devices each over 127.0.0.1; assert
     each exits 0 and return their (stdout, stderr)."""
     port = free_port()
-    running = [subprocess.Popen(command(script, *args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+    running = [subprocess.Popen(command(script, *args, "--distributed",
+                                        f"--coordinator_address=127.0.0.1:{port}",
                                         f"--num_processes={processes}", f"--process_id={i}"),
-                                env=environment(devices, **variables), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                env=environment(devices, **variables), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
                for i in range(processes)]
     try:
         outputs = [p.communicate(timeout=timeout) for p in running]
     finally:
         for p in running:
             p.kill()
-    for i, (p, (out, err)) in enumerate(zip(running, outputs)):
+    for i, (p, (out, err)) in enumerate(zip(running, outputs, strict=True)):
         assert p.returncode == 0, f"process {i}: {out[-2000:]}{err[-3000:]}"
     return outputs

@@ -12,8 +12,10 @@ from benchmarks import accelerator
 
 def test_accelerator_benchmark_runs_its_tiny_configuration_on_the_cpu(tmp_path):
     out = tmp_path / "accelerator.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--reps", "2", "--json", str(out)],
-                            cwd=scripts.ROOT, env=scripts.environment(1), capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--reps", "2", "--json",
+                             str(out)],
+                            cwd=scripts.ROOT, env=scripts.environment(1), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["tiny"]
@@ -34,7 +36,8 @@ def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch)
     def in_process(name, args, batch=None):
         tried.append(batch)
         if batch > 16:
-            return dict(workload=name, error="jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: ...", out_of_memory=True)
+            return dict(workload=name, error="jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: ...",
+                        out_of_memory=True)
         return dict(workload=name, batch=batch)
 
     monkeypatch.setattr(accelerator, "_in_process", in_process)
@@ -48,8 +51,10 @@ def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch)
 
 def test_the_train_step_runs_one_all_reduce_of_the_gradients():
     """Data parallelism over 8 devices: one collective a step, carrying the gradients (and the loss)."""
-    result = subprocess.run([sys.executable, "-m", "benchmarks.collectives", "--config=tests/tiny_config.py", "--json"],
-                            cwd=scripts.ROOT, env=scripts.environment(8), capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.collectives", "--config=tests/tiny_config.py",
+                             "--json"],
+                            cwd=scripts.ROOT, env=scripts.environment(8), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     analysis = json.loads(result.stdout.strip().splitlines()[-1])
     assert [c["kind"] for c in analysis["collectives"]] == ["all-reduce"], analysis["collectives"]

@@ -5,13 +5,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+from scripts import ROOT
 
 from diffusion_jax import input_pipeline, losses, train_lib
-from scripts import ROOT
 
 
 def tiny_config(dtype):
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "tests", "tiny_config.py"))
+    spec = importlib.util.spec_from_file_location("tiny_config",
+                                                  os.path.join(ROOT, "tests", "tiny_config.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -34,7 +35,7 @@ def test_bf16_training_reaches_the_float32_loss_after_50_steps():
         state = trainer.init(jax.random.PRNGKey(0))
 
         @jax.jit
-        def held_out_loss(params):
+        def held_out_loss(params, trainer=trainer):  # this iteration's trainer
             def model_fn(x, t):
                 return trainer.model.apply({"params": params}, x, t)
 
@@ -45,10 +46,12 @@ def test_bf16_training_reaches_the_float32_loss_after_50_steps():
         for step in range(50):
             batch = input_pipeline.make_batch(train_images, step, batch_size=64, seed=0, randflip=True)
             state, _ = trainer.step(state, trainer.global_batch(batch), jax.random.PRNGKey(3))
-        assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves((state.params, state.ema_params)))
+        assert all(p.dtype == jnp.float32
+                   for p in jax.tree_util.tree_leaves((state.params, state.ema_params)))
         assert not any(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(state.opt_state))
         results[dtype] = (before, float(held_out_loss(state.params)))
-    print(f"\nheld-out L_simple before -> after 50 steps: float32 {results['float32']}, bfloat16 {results['bfloat16']}")
+    print(f"\nheld-out L_simple before -> after 50 steps: float32 {results['float32']}, "
+          f"bfloat16 {results['bfloat16']}")
     f32, bf16 = results["float32"][1], results["bfloat16"][1]
     assert f32 < 0.5 * results["float32"][0]  # 50 steps have learned something
     assert abs(bf16 - f32) < 0.05 * f32

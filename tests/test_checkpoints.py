@@ -4,8 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 import scripts
+
 from diffusion_jax import builders, checkpoints, convert
 from diffusion_jax import config as config_lib
 
@@ -16,8 +16,8 @@ def converted(workdir, directory):
     """The EMA params of a quickstart run, saved as convert.py saves."""
     config, params, _ = checkpoints.load(workdir=workdir)
     unet = builders.make_model(config)
-    kwargs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet) if f.name not in ("parent", "name",
-                                                                                                "dropout", "dtype")}
+    kwargs = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)
+              if f.name not in ("parent", "name", "dropout", "dtype")}
     convert.save(directory, params, kwargs, (config.data.image_size,) * 2 + (config.data.channels,))
     return directory
 

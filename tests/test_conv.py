@@ -133,7 +133,7 @@ def test_upsample_conv_is_nearest_upsampling_then_a_3x3_conv(monkeypatch, variab
     assert ("onednn_conv_forward" in _hlo(ours, x, kernel)) == onednn.uses_onednn()
     np.testing.assert_allclose(jax.jit(ours)(x, kernel), upsampled(x, kernel), rtol=1e-5, atol=1e-5)
     grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel)
-    for g, g_ref in zip(grads, jax.grad(loss(upsampled), argnums=(0, 1))(x, kernel)):
+    for g, g_ref in zip(grads, jax.grad(loss(upsampled), argnums=(0, 1))(x, kernel), strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-4)
 
 
@@ -160,7 +160,7 @@ def test_a_dense_layer_over_nhwc_channels_is_a_1x1_convolution():
     grads = jax.jit(jax.grad(loss(conv.dot_general), argnums=(0, 1)))(x, kernel)
     xla_dot = functools.partial(lax.dot_general, precision="highest")
     grads_ref = jax.grad(loss(xla_dot), argnums=(0, 1))(x, kernel)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
     # a dense layer on vectors (the timestep embedding's) and other contractions stay XLA's dot
     for args in ((x[:, 0, 0], kernel, (((1,), (0,)), ((), ()))), (x, x, (((3,), (3,)), ((0,), (0,))))):
@@ -210,12 +210,12 @@ def test_convolutions_that_xla_runs_at_once_do_not_share_a_scratchpad():
 
     def branches(conv2d):
         return jax.jit(lambda x, kernels: [conv2d(x, k, (1, 1), tuple((p, p) for p in pad))
-                                           for k, (_, pad) in zip(kernels, geometries)])
+                                           for k, (_, pad) in zip(kernels, geometries, strict=True)])
 
     expected = branches(xla_conv)(x, kernels)
     ours = branches(onednn_conv)
     for _ in range(20):
-        for y, y_ref in zip(ours(x, kernels), expected):
+        for y, y_ref in zip(ours(x, kernels), expected, strict=True):
             np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * float(np.abs(y_ref).max()))
 
 
@@ -243,7 +243,7 @@ def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
     # some gradients are zero but for rounding (a conv's bias before a GroupNorm): their scale is the
     # largest gradient's
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_ref))
-    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6 * scale)
 
 

@@ -18,7 +18,8 @@ from diffusion_jax.models.unet import UNet
 CIFAR10 = DIFFUSERS_CIFAR10
 # a small network with a learned-variance head (2C outputs)
 SMALL = dict(CIFAR10, sample_size=16, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+             down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 
 def random_diffusers_model(config, seed):
@@ -79,9 +80,9 @@ def test_legacy_attention_names_and_bin_files(tmp_path):
 def tf_name(diffusers_name, levels):
     """The original TF variable name of a diffusers weight, written from diffusion_tf/models/unet.py."""
     stem, kind = diffusers_name.rsplit(".", 1)
-    layer = {"norm1": "norm1", "norm2": "norm2", "conv1": "conv1", "conv2": "conv2", "time_emb_proj": "temb_proj",
-             "conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-             "to_out.0": "proj_out"}
+    layer = {"norm1": "norm1", "norm2": "norm2", "conv1": "conv1", "conv2": "conv2",
+             "time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut", "group_norm": "norm", "to_q": "q",
+             "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     parts = stem.split(".")
     if stem.startswith("time_embedding"):
         scope = f"temb/dense{int(parts[1][-1]) - 1}"
@@ -90,7 +91,8 @@ def tf_name(diffusers_name, levels):
     elif parts[0] == "conv_norm_out":
         scope = "norm_out"
     elif parts[0] == "mid_block":
-        scope = f"mid/{'block' if parts[1] == 'resnets' else 'attn'}_{int(parts[2]) + 1}/{layer['.'.join(parts[3:])]}"
+        scope = (f"mid/{'block' if parts[1] == 'resnets' else 'attn'}_{int(parts[2]) + 1}/"
+                 f"{layer['.'.join(parts[3:])]}")
     else:
         level = int(parts[1]) if parts[0] == "down_blocks" else levels - 1 - int(parts[1])
         side = parts[0][: -len("_blocks")]
@@ -159,7 +161,8 @@ def test_mismatching_checkpoints_are_refused_and_nothing_is_written(tmp_path, ca
     assert not (tmp_path / "x").exists()
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     (tmp_path / "hub" / "config.json").write_text(json.dumps(dict(config, freq_shift=0, act_fn="gelu")))
-    with pytest.raises(ValueError, match=r"not the DDPM network: act_fn = 'gelu' \(DDPM: 'silu'\); freq_shift = 0"):
+    with pytest.raises(ValueError,
+                       match=r"not the DDPM network: act_fn = 'gelu' \(DDPM: 'silu'\); freq_shift = 0"):
         convert.load_diffusers(str(tmp_path / "hub"))
     with pytest.raises(errors.CheckpointError, match="neither diffusion_pytorch_model.safetensors nor .bin"):
         os.remove(tmp_path / "hub" / "diffusion_pytorch_model.safetensors")

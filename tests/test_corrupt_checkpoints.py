@@ -58,11 +58,13 @@ def resume_point(workdir):
     with checkpoints.checkpoint_manager(path, config, create=False) as manager:
         checkpoints.latest_readable(manager, path, lambda step: checkpoints.restore_config(manager, step))
         abstract = train_lib.Trainer(config).abstract_state()
-        return checkpoints.latest_readable(manager, path, lambda step: checkpoints.restore_state(manager, step, abstract))
+        return checkpoints.latest_readable(manager, path,
+                                           lambda step: checkpoints.restore_state(manager, step, abstract))
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
-def test_each_corruption_of_the_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, capsys, corrupt):
+def test_each_corruption_of_the_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, capsys,
+                                                                             corrupt):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     corrupt(workdir / "checkpoints" / "4")
@@ -92,7 +94,8 @@ def test_sampling_reads_the_latest_readable_checkpoint(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
     CORRUPTIONS["array file deleted"](workdir / "checkpoints" / "4")
-    with pytest.raises(errors.CheckpointError, match=f"the checkpoint of step 4 in {workdir / 'checkpoints'} cannot"):
+    with pytest.raises(errors.CheckpointError,
+                       match=f"the checkpoint of step 4 in {workdir / 'checkpoints'} cannot"):
         checkpoints.load(workdir=str(workdir), step=4)
     assert checkpoints.load(workdir=str(workdir)).source == f"{workdir / 'checkpoints' / '2'} (ema)"
     assert os.listdir(workdir / "unreadable_checkpoints")[0].startswith("4-")

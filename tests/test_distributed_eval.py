@@ -63,7 +63,7 @@ def test_an_output_directory_the_processes_do_not_share_is_an_error(workdir, tmp
                                 text=True)
                for i in range(2)]
     results = [p.communicate(timeout=300) for p in running]
-    for p, (_, err) in zip(running, results):
+    for p, (_, err) in zip(running, results, strict=True):
         assert p.returncode == 4, err[-2000:]
         assert "is not shared between the processes" in err
     assert not (tmp_path / "0" / "samples.npz").exists()

@@ -26,14 +26,15 @@ def one_line_error(result, status: int) -> str:
 
 
 def train(workdir, *args):
-    return subprocess.run(scripts.command("train.py", f"--workdir={workdir}", *args), env=scripts.environment(1),
-                          capture_output=True, text=True, timeout=300, cwd=scripts.ROOT)
+    return subprocess.run(scripts.command("train.py", f"--workdir={workdir}", *args),
+                          env=scripts.environment(1), capture_output=True, text=True, timeout=300,
+                          cwd=scripts.ROOT)
 
 
 @pytest.mark.parametrize("args, message", [
     ([f"--config={TINY}", "--config.unknown_key=1"],
-     "error: --config.unknown_key: the config has no key unknown_key; its top-level keys are data, diffusion, eval, "
-     "model, optim, sample, seed, train"),
+     "error: --config.unknown_key: the config has no key unknown_key; its top-level keys are data, "
+     "diffusion, eval, model, optim, sample, seed, train"),
     ([f"--config={TINY}", "--config.trian.num_steps=3"],
      "error: --config.trian.num_steps: the config has no key trian.num_steps; did you mean train.num_steps"),
     ([f"--config={TINY}", "--config.model.ch_mult=abc"],
@@ -41,7 +42,8 @@ def train(workdir, *args):
      "--config.model.ch_mult='(1, 2, 2, 2)'"),
     ([f"--config={TINY}", "--config.train.num_steps=ten"],
      "error: flag --config.train.num_steps=ten: invalid literal for int() with base 10: 'ten'"),
-    (["--config=configs/cifar100.py"], "error: --config=configs/cifar100.py: cannot load it: [Errno 2] No such file"),
+    (["--config=configs/cifar100.py"],
+     "error: --config=configs/cifar100.py: cannot load it: [Errno 2] No such file"),
 ])
 def test_bad_config_flags_are_one_line_with_status_2(tmp_path, args, message):
     line = one_line_error(train(tmp_path / "run", *args), 2)
@@ -53,8 +55,8 @@ def test_bad_config_flags_are_one_line_with_status_2(tmp_path, args, message):
 def mounted_tmpfs(directory, options):
     """A tmpfs at ``directory`` (root only; where mounting is not allowed the test is skipped, saying so)."""
     directory.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                             capture_output=True, text=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}), which this test needs")
     try:
@@ -66,8 +68,8 @@ def mounted_tmpfs(directory, options):
 def test_a_read_only_workdir_is_a_storage_error_before_anything_runs(tmp_path):
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
         line = one_line_error(train(read_only / "run", f"--config={TINY}"), 4)
-    assert line.startswith(f"error: cannot write to workdir {read_only / 'run'}: OSError: [Errno 30] Read-only "
-                           "file system"), line
+    assert line.startswith(f"error: cannot write to workdir {read_only / 'run'}: OSError: [Errno 30] "
+                           "Read-only file system"), line
 
 
 def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
@@ -83,7 +85,8 @@ def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
     with pytest.raises(errors.DataError, match=f"{tmp_path / 'sampling.json'} is not a JSON file"):
         storage.read_json(storage.path(str(tmp_path / "sampling.json")))
     (tmp_path / "weights.pth").write_bytes(os.urandom(1000))
-    with pytest.raises(errors.DataError, match=r"weights.pth could not be read as a PyTorch state dict \(pt_inception"):
+    with pytest.raises(errors.DataError,
+                       match=r"weights.pth could not be read as a PyTorch state dict \(pt_inception"):
         inception.load_params(str(tmp_path / "weights.pth"))
     with pytest.raises(errors.CheckpointError, match="model.ckpt-790000 is not a TF checkpoint prefix"):
         convert.load_tf_checkpoint(str(tmp_path / "model.ckpt-790000"))
@@ -91,14 +94,16 @@ def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
 
 def test_a_data_error_in_an_entry_point_is_one_line_with_status_6(tmp_path):
     (tmp_path / "samples.npz").write_text("not arrays\n")
-    result = subprocess.run(scripts.command("evaluate.py", "--mode=fid", f"--samples={tmp_path / 'samples.npz'}"),
+    result = subprocess.run(scripts.command("evaluate.py", "--mode=fid",
+                                            f"--samples={tmp_path / 'samples.npz'}"),
                             env=scripts.environment(1), capture_output=True, text=True, timeout=300)
-    assert one_line_error(result, 6).startswith(f"error: {tmp_path / 'samples.npz'} is not an .npz file of arrays")
+    assert one_line_error(result, 6).startswith(f"error: {tmp_path / 'samples.npz'} is not an .npz file of "
+                                                "arrays")
 
 
 def test_a_converter_error_is_one_line_with_its_status(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert", f"--tf-checkpoint={tmp_path / 'none'}",
-                             f"--out={tmp_path / 'out'}"],
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert",
+                             f"--tf-checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'out'}"],
                             env=scripts.environment(1), capture_output=True, text=True, timeout=300)
     assert one_line_error(result, 5).startswith(f"error: {tmp_path / 'none'} is not a TF checkpoint prefix")
     assert not (tmp_path / "out").exists()
@@ -111,7 +116,8 @@ def test_only_the_projects_errors_are_shortened():
     assert stopped.value.code == 4
     with pytest.raises(KeyError), launch.one_line_errors():  # a bug: its traceback is kept
         json.loads("{}")["step"]
-    kinds = (errors.ConfigError, errors.NonFiniteError, errors.StorageError, errors.CheckpointError, errors.DataError)
+    kinds = (errors.ConfigError, errors.NonFiniteError, errors.StorageError, errors.CheckpointError,
+             errors.DataError)
     assert [kind.exit_status for kind in kinds] == [2, 3, 4, 5, 6]
 
 
@@ -119,18 +125,21 @@ def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_sta
     """30 MB hold two checkpoints of the tiny run (~11 MB each), not three."""
     with mounted_tmpfs(tmp_path / "small", "size=30m") as small:
         workdir = small / "run"
-        result = train(workdir, f"--config={TINY}", "--config.train.num_steps=20", "--config.train.checkpoint_every=2",
-                       "--config.train.keep_checkpoints=100")
+        result = train(workdir, f"--config={TINY}", "--config.train.num_steps=20",
+                       "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=100")
         assert result.returncode == 4, result.stderr[-3000:]
         errors_ = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors_) == 1 and errors_[0].startswith(
-            f"error: saving the checkpoint of step 6 in {workdir / 'checkpoints'} failed: "), result.stderr[-3000:]
-        assert "No space left on device" in errors_[0] and errors_[0].endswith("the checkpoints before it are intact")
+            f"error: saving the checkpoint of step 6 in {workdir / 'checkpoints'} failed: "
+        ), result.stderr[-3000:]
+        assert ("No space left on device" in errors_[0]
+                and errors_[0].endswith("the checkpoints before it are intact"))
         assert "step 6/20" in result.stdout and "step 9/20" not in result.stdout  # seen within the next steps
         complete = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
         assert complete == ["2", "4"]
         config = train_lib_config()
-        with checkpoints.checkpoint_manager(storage.checkpoint_path(str(workdir)), config, create=False) as manager:
+        with checkpoints.checkpoint_manager(storage.checkpoint_path(str(workdir)), config,
+                                            create=False) as manager:
             state = checkpoints.restore_state(manager, 4, train_lib.Trainer(config).abstract_state())
         assert int(state.step) == 4
 

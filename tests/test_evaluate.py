@@ -13,7 +13,8 @@ from diffusion_jax.evaluation import inception
 
 @pytest.fixture(scope="module")
 def fid_files(tmp_path_factory):
-    """Random Inception weights in the --convert format, and reference statistics of the digits' test split."""
+    """Random Inception weights in the --convert format, and reference statistics of the digits' test
+    split."""
     directory = tmp_path_factory.mktemp("fid")
     weights = str(directory / "inception.npz")
     flat = traverse_util.flatten_dict(inception.random_params())
@@ -29,9 +30,9 @@ def fid_files(tmp_path_factory):
 
 def test_sample_with_fid_then_evaluate_the_file(quickstart_workdir, fid_files, tmp_path):
     weights, stats = fid_files
-    result = scripts.run("sample.py", f"--workdir={quickstart_workdir}", f"--out={tmp_path}", "--num_samples=20",
-                         "--batch_size=10", "--steps=10", "--fid", f"--inception_weights={weights}",
-                         f"--reference_stats={stats}")
+    result = scripts.run("sample.py", f"--workdir={quickstart_workdir}", f"--out={tmp_path}",
+                         "--num_samples=20", "--batch_size=10", "--steps=10", "--fid",
+                         f"--inception_weights={weights}", f"--reference_stats={stats}")
     assert "FID " in result.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["num_samples"] == 20
@@ -57,17 +58,18 @@ def test_nll_mode_writes_the_bound_and_the_rate_distortion_curve(quickstart_work
 def test_training_evaluates_fid_and_nll_periodically(fid_files, tmp_path):
     weights, stats = fid_files
     result = scripts.run("train.py", f"--config={scripts.ROOT}/tests/tiny_config.py", f"--workdir={tmp_path}",
-                         "--config.train.num_steps=4", "--config.eval.every=2", "--config.eval.fid_samples=16",
-                         "--config.eval.nll_images=8", "--config.eval.batch_size=8",
-                         f"--config.eval.inception_weights={weights}", f"--config.eval.reference_stats={stats}")
+                         "--config.train.num_steps=4", "--config.eval.every=2",
+                         "--config.eval.fid_samples=16", "--config.eval.nll_images=8",
+                         "--config.eval.batch_size=8", f"--config.eval.inception_weights={weights}",
+                         f"--config.eval.reference_stats={stats}")
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("step ") and " FID " in line] == ["2:", "4:"]
     assert [line.split()[1] for line in lines if line.startswith("step ") and " NLL " in line] == ["2:", "4:"]
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(os.path.join(tmp_path, "tensorboard")).Reload()
-    assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("eval/fid")] == [2, 4]
+    assert {"eval/fid", "eval/inception_score", "eval/nll_bpd"} <= set(events.Tags()["tensors"])
+    assert [e.step for e in events.Tensors("eval/fid")] == [2, 4]
 
 
 @pytest.mark.parametrize("args, message, status", [

@@ -1,4 +1,5 @@
-"""FID and IS on a random-weight Inception: orderings and limits that hold for any weights; files and errors."""
+"""FID and IS on a random-weight Inception: orderings and limits that hold for any weights; files and
+errors."""
 
 import numpy as np
 import pytest

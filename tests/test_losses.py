@@ -31,7 +31,8 @@ def test_decoder_bins_match_the_gaussian_and_sum_to_one(scale):
     x = np.broadcast_to(GRID[None, :], (7, 256))
     m = np.broadcast_to(means[:, None], x.shape)
     log_p = L.discretized_gaussian_log_likelihood(
-        jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32), jnp.full(x.shape, np.log(scale), jnp.float32)
+        jnp.asarray(x, jnp.float32), jnp.asarray(m, jnp.float32),
+        jnp.full(x.shape, np.log(scale), jnp.float32)
     )
     edges = np.concatenate([[-np.inf], GRID[:-1] + 1 / 255, [np.inf]])
     expected = np.diff(norm.cdf((edges[None, :] - means[:, None]) / scale), axis=1)
@@ -92,7 +93,8 @@ def test_l_simple_of_the_exact_denoiser_equals_its_analytic_value():
     k1, k2 = jax.random.split(jax.random.PRNGKey(4))
     x0 = mu + s * jax.random.normal(k1, (8192, 4, 4, 1))
     loss = jax.jit(
-        lambda x, r: L.training_losses(denoiser, sched, x, r, loss_type="mse", mean_type="eps", var_type="fixed_large")
+        lambda x, r: L.training_losses(denoiser, sched, x, r, loss_type="mse", mean_type="eps",
+                                       var_type="fixed_large")
     )(x0, k2)
     a = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     expected = np.mean(a * s**2 / (a * s**2 + 1 - a))
@@ -100,7 +102,8 @@ def test_l_simple_of_the_exact_denoiser_equals_its_analytic_value():
     # at a fixed t the per-pixel Monte-Carlo average is tight
     t = jnp.full((8192,), 20)
     noise = jax.random.normal(k2, x0.shape)
-    at_t = L.losses_at(denoiser, sched, x0, t, noise, loss_type="mse", mean_type="eps", var_type="fixed_large")
+    at_t = L.losses_at(denoiser, sched, x0, t, noise, loss_type="mse", mean_type="eps",
+                       var_type="fixed_large")
     np.testing.assert_allclose(at_t.mean(), a[20] * s**2 / (a[20] * s**2 + 1 - a[20]), rtol=0.02)
 
 
@@ -135,7 +138,8 @@ def test_bits_per_dim_is_one_loop_whatever_T():
         sched = S.make_schedule("linear", T)
         fn = lambda x, t: x  # noqa: E731
         jaxpr = jax.make_jaxpr(
-            lambda x: L.bits_per_dim(fn, sched, x, jax.random.PRNGKey(0), mean_type="eps", var_type="fixed_large")
+            lambda x: L.bits_per_dim(fn, sched, x, jax.random.PRNGKey(0), mean_type="eps",
+                                     var_type="fixed_large")
         )(x0)
         return len(jaxpr.eqns), str(jaxpr).count("scan[")
 

@@ -61,7 +61,7 @@ def test_has_flax_group_norms_parameters_and_numbers():
     def grads(layer):
         return jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * weights), argnums=(0, 1))(params, x)
 
-    for g_ours, g_theirs in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs))):
+    for g_ours, g_theirs in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs)), strict=True):
         np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-4)
 
 

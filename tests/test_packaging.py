@@ -16,10 +16,9 @@ import zipfile
 from email.parser import BytesParser
 
 import pytest
+import scripts
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-import scripts
 
 XLA_LINE = "the CPU convolutions will be XLA's"  # setup.py's line when it builds without oneDNN
 # prints the file of each module named in its arguments, imported in turn

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scripts
 from jax import export
 
-import scripts
 from configs import cifar10, ddpm256
 from diffusion_jax import builders, sample_lib
 from diffusion_jax.evaluation import inception, likelihood
@@ -55,7 +55,8 @@ def test_the_programs_here_use_onednn_on_the_cpu():
 
 
 def abstract_params(model, image_size: int, channels: int = 3):
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, channels)),
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, image_size, image_size, channels)),
                                              jnp.zeros((1,), jnp.int32))["params"])
 
 
@@ -66,7 +67,8 @@ def test_unet_forward(get_config, dtype):
     c.model.dtype = dtype
     model, size = builders.make_model(c), c.data.image_size
     x, t = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
-    check_exports(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)), abstract_params(model, size), x, t)
+    check_exports(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)), abstract_params(model, size),
+                  x, t)
 
 
 @pytest.mark.parametrize("sampler, spacing", [("ddpm", "quad"), ("ddim", "quad"), ("dpm_solver++", "logSNR")])
@@ -98,8 +100,8 @@ def test_nll_bound():
 
 def test_train_step_over_eight_devices_keeps_its_shardings_and_donation():
     """The CIFAR-10 train step of ``Trainer`` on a Mesh('data') of 8 CPU devices (a subprocess)."""
-    result = subprocess.run(scripts.command("tests/export_train_step.py", "cifar10"), env=scripts.environment(8),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(scripts.command("tests/export_train_step.py", "cifar10"),
+                            env=scripts.environment(8), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     exported = json.loads(result.stdout.splitlines()[-1])
     for platform in PLATFORMS:
@@ -107,6 +109,7 @@ def test_train_step_over_eight_devices_keeps_its_shardings_and_donation():
         assert e["nr_devices"] == 8
         *state, batch, rng = e["in_specs"]
         assert batch == "P('data',)" and rng == "P()", (batch, rng)
-        assert set(state) == {"P()"} and set(e["out_specs"]) == {"P()"}  # the state and the metrics replicated
+        # the state and the metrics replicated
+        assert set(state) == {"P()"} and set(e["out_specs"]) == {"P()"}
         assert e["donated"] == len(state)  # the state, donated; not the batch nor the rng
         assert not set(e["custom_calls"]) - PORTABLE_TARGETS, e["custom_calls"]

@@ -18,7 +18,8 @@ TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 def lock_file(directory, **owner):
     (directory / run_lock.LOCK_FILE).write_text(json.dumps(dict(
-        dict(host=socket.gethostname(), pid=os.getpid(), run_id="other", started=time.time(), refreshed=time.time()),
+        dict(host=socket.gethostname(), pid=os.getpid(), run_id="other", started=time.time(),
+             refreshed=time.time()),
         **owner)))
 
 
@@ -47,11 +48,13 @@ def test_the_lock_of_a_process_gone_from_this_host_is_taken_over(tmp_path, capsy
 
 def test_a_stale_lock_of_another_host_is_taken_over_only_when_asked(tmp_path, capsys):
     lock_file(tmp_path, host="elsewhere", pid=1, refreshed=time.time() - 3600)
-    with pytest.raises(StorageError, match="not refreshed for 30 minutes: if that run is gone, add --take_over_lock"):
+    with pytest.raises(StorageError,
+                       match="not refreshed for 30 minutes: if that run is gone, add --take_over_lock"):
         run_lock.RunLock(storage.path(str(tmp_path)))
     taken = run_lock.RunLock(storage.path(str(tmp_path)), take_over=True)
     assert "taking over the lock of run other of host elsewhere" in capsys.readouterr().out
-    lock_file(tmp_path, run_id="third")  # and taken from it in turn: it must stop, and leave the new owner's lock
+    # and taken from it in turn: it must stop, and leave the new owner's lock
+    lock_file(tmp_path, run_id="third")
     with pytest.raises(StorageError, match="was taken over by run third"):
         taken.refresh()
     taken.release()
@@ -69,8 +72,8 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
     workdir = tmp_path / "run"
     args = [f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=1000"]
-    first = subprocess.Popen(scripts.command("train.py", *args), env=scripts.environment(1), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(scripts.command("train.py", *args), env=scripts.environment(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in first.stdout:
             if line.startswith("step 4/"):
@@ -79,7 +82,8 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
         saved = {p: b for p, b in snapshot(workdir / "checkpoints").items() if "tmp" not in p}
         second = scripts.run("train.py", *args, "--config.optim.lr=5e-4", expect=4)
         lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: {workdir} is in use by run "), second.stderr[-2000:]
+        assert (len(lines) == 1
+                and lines[0].startswith(f"error: {workdir} is in use by run ")), second.stderr[-2000:]
         assert "wait for it to end, or use another --workdir" in lines[0]
         now = snapshot(workdir / "checkpoints")
         assert all(now[p] == b for p, b in saved.items())
@@ -92,11 +96,11 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
     resume = [f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
               "--config.optim.lr=5e-4"]
     refused = scripts.run("train.py", *resume, expect=2)
-    assert ("error: the workdir's checkpoint was trained with other settings: optim.lr (0.001 in the checkpoint, "
-            "0.0005 now)") in refused.stderr
+    assert ("error: the workdir's checkpoint was trained with other settings: optim.lr (0.001 in the "
+            "checkpoint, 0.0005 now)") in refused.stderr
     stopped = int(err.split("interrupted by SIGTERM: saved step ")[1].split(";")[0])
-    went_on = scripts.run("train.py", *resume[:2], f"--config.train.num_steps={stopped + 2}", "--config.optim.lr=5e-4",
-                          "--allow_config_change")
+    went_on = scripts.run("train.py", *resume[:2], f"--config.train.num_steps={stopped + 2}",
+                          "--config.optim.lr=5e-4", "--allow_config_change")
     assert "going on with changed settings: optim.lr (0.001 in the checkpoint, 0.0005 now)" in went_on.stdout
     starts = sorted(os.listdir(workdir / "configs"))
     assert len(starts) == 2  # the first run's start and this one's; the refused ones wrote nothing

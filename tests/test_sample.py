@@ -33,7 +33,8 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     ("samples", ["--num_samples=16", "--sampler=dpm_solver++", "--steps=10"], ["samples.npz", "samples.png"]),
     ("interpolate", ["--num_samples=2", "--num_interp=4", "--steps=10"], ["interpolate.png"]),
     ("interpolate_diffused", ["--num_samples=1", "--num_interp=3", "--t=20"], ["interpolate_diffused.png"]),
-    ("reconstruct", ["--num_samples=4", "--steps=20", "--noclip_x0"], ["reconstruct.png", "reconstruct.json"]),
+    ("reconstruct", ["--num_samples=4", "--steps=20", "--noclip_x0"],
+     ["reconstruct.png", "reconstruct.json"]),
 ])
 def test_figure_modes_write_their_grids(quickstart_workdir, tmp_path, mode, args, files):
     sample(quickstart_workdir, tmp_path, f"--mode={mode}", *args)
@@ -47,11 +48,14 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     expected = np.load(tmp_path / "whole" / "samples.npz")["arr_0"]
 
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(scripts.command("sample.py", f"--workdir={quickstart_workdir}", f"--out={out}", *args),
-                               env=scripts.environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(scripts.command("sample.py", f"--workdir={quickstart_workdir}", f"--out={out}",
+                                               *args),
+                               env=scripts.environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
 
     def complete_shards():
-        return [f for f in os.listdir(out / "shards") if f.endswith(".npz")] if (out / "shards").is_dir() else []
+        return ([f for f in os.listdir(out / "shards") if f.endswith(".npz")] if (out / "shards").is_dir()
+                else [])
 
     while len(complete_shards()) < 3 and process.poll() is None:  # kill -9 once three shards are written
         time.sleep(0.02)
@@ -60,7 +64,8 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     written = sorted(os.listdir(out / "shards"))
     assert 3 <= len([f for f in written if f.endswith(".npz") and ".tmp" not in f]) < 10, written
     assert not (out / "samples.npz").exists()
-    (out / "shards" / "000009-000-of-001.npz.tmp-99999").write_bytes(b"half a share")  # as a kill mid-write leaves
+    # as a kill mid-write leaves
+    (out / "shards" / "000009-000-of-001.npz.tmp-99999").write_bytes(b"half a share")
     result = sample(quickstart_workdir, out, *args)
     assert "samples: 1000/1000" in result.stdout
     assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
@@ -72,7 +77,8 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
 @pytest.mark.parametrize("args, message, status", [
     ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network", 2),
     (["--sampler=ddpm", "--eta=0.5"], "sample.eta", 2),
-    (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler", 2),
+    (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler",
+     2),
     (["--sampler=dpm_solver++", "--order=4"], "sample.order", 2),
     (["--t=10"], "--t applies to --mode=interpolate_diffused", 2),
     (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM", 2),

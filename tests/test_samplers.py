@@ -19,7 +19,7 @@ N = 4000
 TYPES = dict(mean_type="eps", var_type="fixed_large")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup():
     sched = S.make_schedule()
     eps_fn = analytic.gaussian_mixture_eps(sched, WEIGHTS, MEANS, STDS**2)
@@ -116,11 +116,13 @@ def test_ddim_eta_1_on_the_full_chain_equals_ddpm_fixed_small():
 
 def test_quad_and_uniform_subsequences_equal_the_ddim_code():
     for s in (10, 20, 50, 100):
-        quad = [int(v) for v in list(np.linspace(0, np.sqrt(1000 * 0.8), s) ** 2)]  # ddim runners/diffusion.py
+        # ddim runners/diffusion.py
+        quad = [int(v) for v in list(np.linspace(0, np.sqrt(1000 * 0.8), s) ** 2)]
         assert SM.ddim_timesteps(1000, s, "quad").tolist() == quad
         assert SM.ddim_timesteps(1000, s, "uniform").tolist() == list(range(0, 1000, 1000 // s))
     assert SM.ddim_timesteps(1000, 10, "quad").tolist() == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
-    assert SM.ddim_timesteps(1000, 10, "trailing").tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert SM.ddim_timesteps(1000, 10, "trailing").tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899,
+                                                                999]
     assert SM.ddim_timesteps(1000, 5, "linspace").tolist() == [0, 250, 500, 749, 999]
 
 
@@ -144,7 +146,7 @@ def test_sigma_hat_is_the_ddim_code_ddpm_steps():
     alpha = lambda t: np.prod(1 - betas[: t + 1]) if t >= 0 else 1.0  # noqa: E731
     x = np.asarray(x_T[:128], np.float64)
     previous = [-1] + list(steps[:-1])
-    for t, t_next in zip(steps[::-1], previous[::-1]):
+    for t, t_next in zip(steps[::-1], previous[::-1], strict=True):
         at, at_next = alpha(t), alpha(t_next)
         beta_t = 1 - at / at_next
         e = np.asarray(eps_fn(jnp.asarray(x, jnp.float32), jnp.full((128,), t)), np.float64)
@@ -180,7 +182,8 @@ def test_dpm_solver_first_order_is_ddim_and_higher_orders_converge_faster():
 
 
 def test_a_v_prediction_model_samples_like_its_eps_model():
-    """v = sqrt(a-bar) eps - sqrt(1 - a-bar) x_0 of the exact eps-model: every sampler gives the same images."""
+    """v = sqrt(a-bar) eps - sqrt(1 - a-bar) x_0 of the exact eps-model: every sampler gives the same
+    images."""
     sched, eps_fn, x_T = setup()
     x_T = x_T[:256]
 
@@ -190,11 +193,12 @@ def test_a_v_prediction_model_samples_like_its_eps_model():
 
     steps = SM.ddim_timesteps(1000, 20)
     runs = {
-        "ddim": lambda f, m: SM.ddim_sample(f, sched, x_T, timesteps=steps, mean_type=m, var_type="fixed_large"),
-        "dpm_solver++ 3M": lambda f, m: SM.dpm_solver_sample(f, sched, x_T, timesteps=steps, order=3, mean_type=m,
-                                                             var_type="fixed_large"),
-        "ddpm": lambda f, m: SM.ddpm_sample(f, sched, x_T, jax.random.PRNGKey(0), timesteps=steps, mean_type=m,
-                                            var_type="fixed_small"),
+        "ddim": lambda f, m: SM.ddim_sample(f, sched, x_T, timesteps=steps, mean_type=m,
+                                            var_type="fixed_large"),
+        "dpm_solver++ 3M": lambda f, m: SM.dpm_solver_sample(f, sched, x_T, timesteps=steps, order=3,
+                                                             mean_type=m, var_type="fixed_large"),
+        "ddpm": lambda f, m: SM.ddpm_sample(f, sched, x_T, jax.random.PRNGKey(0), timesteps=steps,
+                                            mean_type=m, var_type="fixed_small"),
     }
     for name, run in runs.items():
         np.testing.assert_allclose(run(v_fn, "v").images, run(eps_fn, "eps").images, atol=1e-4, err_msg=name)
@@ -238,8 +242,8 @@ def test_interpolation():
     np.testing.assert_allclose(z[2], x_T[1], atol=1e-6)
     # orthogonal unit vectors: the path is the unit circle, at angle alpha * pi / 2
     e0, e1 = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])
-    np.testing.assert_allclose(SM.slerp(e0, e1, jnp.array([1 / 3]))[0, 0], [np.cos(np.pi / 6), np.sin(np.pi / 6)],
-                               atol=1e-6)
+    np.testing.assert_allclose(SM.slerp(e0, e1, jnp.array([1 / 3]))[0, 0],
+                               [np.cos(np.pi / 6), np.sin(np.pi / 6)], atol=1e-6)
     data = jnp.asarray(MEANS[:2], jnp.float32)
     mixed = SM.interpolate_diffused(eps_fn, sched, data[0], data[1], jnp.array([0.0, 0.5, 1.0]), 100,
                                     jax.random.PRNGKey(5), **TYPES)
@@ -275,7 +279,8 @@ def test_compiled_program_does_not_grow_with_steps():
     [
         (lambda f, s, x: SM.ddim_timesteps(1000, 1001), r"num_steps must be an integer in \[1, T = 1000\]"),
         (lambda f, s, x: SM.ddim_timesteps(1000, 0), "num_steps must be an integer"),
-        (lambda f, s, x: SM.ddim_timesteps(1000, 10, "cubic"), "unknown spacing 'cubic'; allowed: uniform, quad"),
+        (lambda f, s, x: SM.ddim_timesteps(1000, 10, "cubic"),
+         "unknown spacing 'cubic'; allowed: uniform, quad"),
         (lambda f, s, x: SM.ddim_sample(f, s, x, timesteps=[0, 10], eta=-0.5, **TYPES), "eta must be >= 0"),
         (lambda f, s, x: SM.ddim_sample(f, s, x, timesteps=[0, 10], eta=0.5, **TYPES), "rng is required"),
         (lambda f, s, x: SM.ddim_sample(f, s, x, timesteps=[0, 1000], **TYPES), r"within \[0, 1000\)"),
@@ -289,7 +294,8 @@ def test_compiled_program_does_not_grow_with_steps():
         (lambda f, s, x: SM.dpm_solver_sample(f, s, x, timesteps=[5, 0], **TYPES), "increase strictly"),
         (lambda f, s, x: SM.dpm_solver_sample(f, s, x, timesteps=[0, 5], order=3, singlestep=True, **TYPES),
          r"singlestep is DPM-Solver\+\+\(2S\), of order 2; got order 3"),
-        (lambda f, s, x: SM.dpm_solver_timesteps(s, 10, "karras"), "unknown skip_type 'karras'; allowed: logSNR"),
+        (lambda f, s, x: SM.dpm_solver_timesteps(s, 10, "karras"),
+         "unknown skip_type 'karras'; allowed: logSNR"),
         (lambda f, s, x: SM.dpm_solver_timesteps(s, 0), r"num_steps must be an integer in \[1, T = 1000\]"),
         (lambda f, s, x: SM.slerp(x[0], x[:2], jnp.ones(2)), "differ in shape"),
         (lambda f, s, x: SM.interpolate_diffused(f, s, x[0], x[1], jnp.ones(2), 1000, jax.random.PRNGKey(0),

@@ -66,9 +66,8 @@ def test_ddpm_matches_diffusers_with_the_same_noise(monkeypatch):
     for t in ref.timesteps:
         current["t"] = int(t)
         x = ref.step(torch_eps(eps_fn, x, t), t, x).prev_sample
-    ours = jax.jit(lambda x: SM.ddpm_sample(eps_fn, sched, x, rng, mean_type="eps", var_type="fixed_small").images)(
-        x_T
-    )
+    ours = jax.jit(lambda x: SM.ddpm_sample(eps_fn, sched, x, rng, mean_type="eps",
+                                            var_type="fixed_small").images)(x_T)
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-5)
 
 

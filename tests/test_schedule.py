@@ -102,9 +102,11 @@ def test_bad_timesteps_and_types_are_refused():
     with pytest.raises(ValueError, match="noise shape"):
         S.q_sample(sched, x, jnp.array([1, 2]), x[:, :2])
     with pytest.raises(ValueError, match="unknown model_mean_type 'xstart'; allowed: eps, x0, mean, v"):
-        S.p_mean_variance(sched, x, x, jnp.array([1, 2]), mean_type="xstart", var_type="fixed_small", clip_x0=True)
+        S.p_mean_variance(sched, x, x, jnp.array([1, 2]), mean_type="xstart", var_type="fixed_small",
+                          clip_x0=True)
     with pytest.raises(ValueError, match="unknown model_var_type 'fixedlarge'"):
-        S.p_mean_variance(sched, x, x, jnp.array([1, 2]), mean_type="eps", var_type="fixedlarge", clip_x0=True)
+        S.p_mean_variance(sched, x, x, jnp.array([1, 2]), mean_type="eps", var_type="fixedlarge",
+                          clip_x0=True)
     with pytest.raises(ValueError, match=r"needs \(2, 4, 4, 2\)"):
         S.p_mean_variance(sched, x, x, jnp.array([1, 2]), mean_type="eps", var_type="learned", clip_x0=True)
 
@@ -169,7 +171,8 @@ def test_posterior_formula_matches_bayes_rule():
     p1, p2 = (1 - b) / b, 1 / (1 - ab_prev)
     var = 1 / (p1 + p2)
     mean = var * (p1 * x_t / np.sqrt(1 - b) + p2 * np.sqrt(ab_prev) * x0)
-    got_mean, got_var, _ = S.q_posterior_mean_variance(sched, jnp.asarray(x0), jnp.asarray(x_t), jnp.asarray(t))
+    got_mean, got_var, _ = S.q_posterior_mean_variance(sched, jnp.asarray(x0), jnp.asarray(x_t),
+                                                       jnp.asarray(t))
     np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_var, np.broadcast_to(var, (49, 1)), rtol=1e-5)
 
@@ -219,9 +222,8 @@ def test_variance_types():
 
     def log_var(var_type, var_out=None):
         out = x if var_out is None else jnp.concatenate([x, var_out], -1)
-        return S.p_mean_variance(sched, out, x, t, mean_type="eps", var_type=var_type, clip_x0=True).log_variance[
-            :, 0, 0, 0
-        ]
+        return S.p_mean_variance(sched, out, x, t, mean_type="eps", var_type=var_type,
+                                 clip_x0=True).log_variance[:, 0, 0, 0]
 
     tt = np.asarray(t)
     np.testing.assert_allclose(log_var("fixed_small"), ref["posterior_log_variance_clipped"][tt], rtol=1e-6)
@@ -233,7 +235,8 @@ def test_variance_types():
     np.testing.assert_allclose(
         log_var("learned_range", -jnp.ones_like(x)), ref["posterior_log_variance_clipped"][tt], rtol=1e-6
     )
-    np.testing.assert_allclose(log_var("learned_range", jnp.ones_like(x)), np.log(ref["betas"][tt]), rtol=1e-6)
+    np.testing.assert_allclose(log_var("learned_range", jnp.ones_like(x)), np.log(ref["betas"][tt]),
+                               rtol=1e-6)
     half = 0.5 * (ref["posterior_log_variance_clipped"][tt] + np.log(ref["betas"][tt]))
     np.testing.assert_allclose(log_var("learned_range", jnp.zeros_like(x)), half, rtol=1e-6)
 
@@ -257,5 +260,5 @@ def test_everything_compiles_under_jit():
     jitted = jax.jit(S.p_mean_variance, static_argnames=("mean_type", "var_type", "clip_x0"))(
         sched, x0, x0, t, mean_type="v", var_type="fixed_large", clip_x0=True
     )
-    for a, b in zip(eager, jitted):
+    for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -68,5 +68,6 @@ def test_the_cycle_finder_finds_one():
 
 
 def test_only_the_entry_points_import_the_trainer():
-    importers = sorted(name for name, imported in import_graph().items() if "diffusion_jax.train_lib" in imported)
+    importers = sorted(name for name, imported in import_graph().items()
+                       if "diffusion_jax.train_lib" in imported)
     assert importers == []

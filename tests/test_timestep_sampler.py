@@ -40,7 +40,8 @@ def test_importance_sampled_bound_has_the_uniform_expectation_and_lower_variance
         data_rng, noise_rng = jax.random.split(rng)
         x0 = data(data_rng, t.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape)
-        return losses.losses_at(eps_fn, sched, x0, t, noise, loss_type="kl", mean_type="eps", var_type="fixed_small")
+        return losses.losses_at(eps_fn, sched, x0, t, noise, loss_type="kl", mean_type="eps",
+                                var_type="fixed_small")
 
     @jax.jit
     def training_step(hist, rng):  # what a training step does with the history

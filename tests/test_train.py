@@ -17,11 +17,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from diffusion_jax import config as config_lib
-from diffusion_jax import builders, checkpoints, input_pipeline, train_lib
 import scripts
 from scripts import ROOT, environment
+
+from diffusion_jax import builders, checkpoints, input_pipeline, train_lib
+from diffusion_jax import config as config_lib
 
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 
@@ -51,7 +51,7 @@ def tiny_config(*overrides):
     return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def abstract_state(*overrides):
     return train_lib.Trainer(tiny_config(*overrides)).abstract_state()
 
@@ -69,7 +69,7 @@ def checkpoint(workdir, *overrides):
 def assert_same_params(expected, got):
     """Equal within float32 tolerance (sums over devices differ in order; see tiny_config.py on eps)."""
     assert len(expected) == len(got)
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -105,7 +105,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
     workdir = str(tmp_path)
     args = ("train.num_steps=8", "train.checkpoint_every=2")
     rng = random.Random(0)
-    for attempt in range(3):
+    for _attempt in range(3):
         process = subprocess.Popen(command(workdir, *args), env=environment(), stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True)
         for line in process.stdout:  # wait until training runs, then kill within the next steps
@@ -122,7 +122,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
         assert f"resumed from the checkpoint of step {killed_at}" in result.stdout
     step, state = checkpoint(workdir)
     assert step == 8
-    for a, b in zip(reference, params_of(state)):
+    for a, b in zip(reference, params_of(state), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -135,8 +135,10 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
                    "optim.warmup_steps=0", flags=["--allow_config_change"], expect=3)
     assert "non-finite loss or gradient at step" in result.stderr
     bad = int(result.stderr.split("at step ")[1].split(";")[0])
-    logged = [int(line.split()[1].split("/")[0]) for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert bad >= 3 and logged[-1] == bad - 1  # counted as the console counts: the last step logged came before
+    logged = [int(line.split()[1].split("/")[0]) for line in result.stdout.splitlines()
+              if line.startswith("step ")]
+    # counted as the console counts: the last step logged came before
+    assert bad >= 3 and logged[-1] == bad - 1
     step, state = checkpoint(workdir)
     assert step < bad
     assert all(np.isfinite(p).all() for p in params_of(state))
@@ -152,7 +154,7 @@ def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_pat
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
+    for p, (_out, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     reference = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "distributed_reference.py"),
                                 CONFIG, str(tmp_path / "reference.npz")],
@@ -200,7 +202,8 @@ def test_an_error_in_the_input_thread_reaches_the_consumer():
     consumer.start()
     consumer.join(timeout=60)
     prefetch.close()
-    assert raised and raised[0].startswith("a batch of 20 images a process is more than the 10 training examples")
+    assert raised and raised[0].startswith("a batch of 20 images a process is more than the 10 training "
+                                           "examples")
 
 
 def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_path):
@@ -220,7 +223,8 @@ def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_pa
         (["train.batch_size=eight"], "batch_size"),
         (["data.name=mnist"], "config.data.name = 'mnist' is not allowed: one of digits, cifar10"),
         (["model.ch_mult=(1,2,2,2,2,2)"], "config.data.image_size = 16 is not allowed: a multiple of 2^"),
-        (["train.batch_size=12"], "config.train.batch_size = 12 is not allowed: a positive multiple of the 8 devices"),
+        (["train.batch_size=12"],
+         "config.train.batch_size = 12 is not allowed: a positive multiple of the 8 devices"),
         (["data.name=cifar10", "data.image_size=32", "data.channels=3", "data.data_dir=/nonexistent"],
          "dataset 'cifar10' is not prepared in /nonexistent"),
     ],
@@ -229,8 +233,8 @@ def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_pa
 def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, overrides, message):
     workdir = tmp_path / "run"
     start = time.perf_counter()
-    result = subprocess.run(command(str(workdir), *overrides), env=environment(8), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(command(str(workdir), *overrides), env=environment(8), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not workdir.exists()
@@ -261,7 +265,8 @@ def test_importance_sampled_kl_training_keeps_its_loss_history_across_a_resume(t
     assert step == 5 and int(state.loss_history.counts.sum()) == 5 * 8
     assert float(np.abs(state.loss_history.losses).sum()) > 0
     result = train(workdir, "diffusion.loss_type=kl", "train.num_steps=6", expect=2)
-    assert "trained with diffusion.timestep_sampler 'loss-second-moment', the config has 'uniform'" in result.stderr
+    assert ("trained with diffusion.timestep_sampler 'loss-second-moment', the config has 'uniform'"
+            in result.stderr)
 
 
 def test_the_init_compiled_for_a_quick_compile_draws_the_same_parameters():
@@ -283,19 +288,22 @@ def test_cifar10_config_is_the_papers_run():
     shapes = jax.eval_shape(lambda: builders.init_state(c, model, builders.make_optimizer(c),
                                                           jax.random.PRNGKey(0)))
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)) == 35_746_307
-    assert (c.data.name, c.data.train_split, c.data.image_size, c.data.randflip) == ("cifar10", "train", 32, True)
+    assert (c.data.name, c.data.train_split, c.data.image_size, c.data.randflip) == (
+        "cifar10", "train", 32, True)
     assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_resolutions),
             c.model.dropout) == (128, (1, 2, 2, 2), 2, (16,), 0.1)
-    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.beta_start, c.diffusion.beta_end) == (
-        "linear", 1000, 1e-4, 0.02)
-    assert (c.diffusion.mean_type, c.diffusion.var_type, c.diffusion.loss_type) == ("eps", "fixed_large", "mse")
-    assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip, c.optim.beta1, c.optim.beta2, c.optim.eps) == (
-        2e-4, 5000, 1.0, 0.9, 0.999, 1e-8)
+    assert (c.diffusion.schedule, c.diffusion.num_timesteps, c.diffusion.beta_start,
+            c.diffusion.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    assert (c.diffusion.mean_type, c.diffusion.var_type, c.diffusion.loss_type) == (
+        "eps", "fixed_large", "mse")
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip, c.optim.beta1, c.optim.beta2,
+            c.optim.eps) == (2e-4, 5000, 1.0, 0.9, 0.999, 1e-8)
     assert (c.optim.ema_decay, c.optim.ema_warmup) == (0.9999, False)
     assert (c.train.batch_size, c.train.num_steps) == (128, 800_000)
     lr = builders.learning_rate(c)
     assert float(lr(0)) == 0.0
-    np.testing.assert_allclose([float(lr(2500)), float(lr(5000)), float(lr(100_000))], [1e-4, 2e-4, 2e-4], rtol=1e-6)
+    np.testing.assert_allclose([float(lr(2500)), float(lr(5000)), float(lr(100_000))], [1e-4, 2e-4, 2e-4],
+                               rtol=1e-6)
 
 
 def test_improved_ddpm_config_is_their_cifar10_run():
@@ -308,13 +316,15 @@ def test_improved_ddpm_config_is_their_cifar10_run():
         config_lib.validate(c, num_devices=8, num_processes=1)
         d = c.diffusion
         assert (d.schedule, d.num_timesteps, d.mean_type, d.var_type, d.loss_type, d.hybrid_lambda,
-                d.timestep_sampler) == ("cosine", 4000, "eps", "learned_range", loss_type, 1e-3, timestep_sampler)
+                d.timestep_sampler) == ("cosine", 4000, "eps", "learned_range", loss_type, 1e-3,
+                                        timestep_sampler)
         assert (c.model.ch, c.model.num_res_blocks, tuple(c.model.attn_resolutions), c.model.dropout) == (
             128, 3, (16, 8), 0.3)
-        assert (c.optim.lr, c.optim.warmup_steps, c.train.batch_size, c.train.num_steps) == (1e-4, 0, 128, 500_000)
+        assert (c.optim.lr, c.optim.warmup_steps, c.train.batch_size, c.train.num_steps) == (
+            1e-4, 0, 128, 500_000)
         model = builders.make_model(c)
-        shapes = jax.eval_shape(lambda: builders.init_state(c, model, builders.make_optimizer(c),
-                                                              jax.random.PRNGKey(0)))
+        shapes = jax.eval_shape(lambda c=c, model=model: builders.init_state(
+            c, model, builders.make_optimizer(c), jax.random.PRNGKey(0)))  # this iteration's c and model
         assert model.out_ch == 6  # eps and the variance interpolation v, per channel
         history = None if shapes.loss_history is None else shapes.loss_history.losses.shape
         assert history == (None if objective == "hybrid" else (4000, 10))

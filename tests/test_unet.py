@@ -1,6 +1,7 @@
 """The DDPM U-Net: parameter counts, layer details, and that it trains on this CPU."""
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,7 @@ def test_timestep_embedding_is_the_original():
 SMALL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), out_ch=6)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def small_init():
     """Params of a small network with a learned-variance head, initialized once for the tests."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
@@ -99,11 +100,14 @@ def test_zero_init_layers_and_output_shape():
 def test_downsampling_pads_like_tf_same():
     """A stride-2 3x3 conv with TF 'SAME' pads 0 before and 1 after: output (0, 0) sees rows 0..1 only."""
     model = UNet(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
+                                 jnp.zeros((1,), jnp.int32))["params"]
     kernel = params["down_0_downsample_conv"]["kernel"]
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 32))
-    y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((0, 1), (0, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = nn.Conv(32, (3, 3), strides=(2, 2), padding="SAME").apply({"params": params["down_0_downsample_conv"]}, x)
+    y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((0, 1), (0, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = nn.Conv(32, (3, 3), strides=(2, 2), padding="SAME").apply(
+        {"params": params["down_0_downsample_conv"]}, x)
     np.testing.assert_allclose(ours, y + params["down_0_downsample_conv"]["bias"], atol=1e-5)
 
 
@@ -148,7 +152,8 @@ def randomized(variables, seed=0, scale=0.05):
     """Weights with every entry perturbed, so that no layer (zero-init ones included) is trivial."""
     leaves, tree = jax.tree_util.tree_flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return tree.unflatten([p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return tree.unflatten([p + scale * jax.random.normal(k, p.shape)
+                           for p, k in zip(leaves, keys, strict=True)])
 
 
 def test_bf16_compute_keeps_float32_params_and_output():

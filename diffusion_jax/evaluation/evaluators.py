@@ -11,7 +11,8 @@ The model of big_vision's evaluators: the loop knows only the protocol.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -46,7 +47,8 @@ class FidIs:
     """FID and IS of ``num`` samples against the reference statistics of ``scorer`` (``report.Evaluator``)."""
 
     def __init__(self, every: int, generate: Callable, scorer, num: int, batch_size: int):
-        self.every, self.generate, self.scorer, self.num, self.batch_size = every, generate, scorer, num, batch_size
+        self.every, self.generate, self.scorer, self.num, self.batch_size = (every, generate, scorer, num,
+                                                                             batch_size)
 
     def run(self, params, rng) -> dict:
         batches, progress = [], Progress("samples for FID")
@@ -78,8 +80,8 @@ class SlicedWasserstein:
     images of the model's samples, against two references: training images (the floor) and the
     untrained network's samples (the ceiling); and a grid of the samples, ``samples/final.png``."""
 
-    def __init__(self, every: int, generate: Callable, train_images: np.ndarray, heldout: np.ndarray, num: int,
-                 initial_params: Callable):
+    def __init__(self, every: int, generate: Callable, train_images: np.ndarray, heldout: np.ndarray,
+                 num: int, initial_params: Callable):
         """``initial_params()``: the untrained network's parameters (called when the figure is made)."""
         self.every, self.generate, self.num, self.initial_params = every, generate, num, initial_params
         self.heldout = heldout[:num]
@@ -97,5 +99,6 @@ class SlicedWasserstein:
 
     def line(self, values: dict) -> str:
         return (f"sliced Wasserstein distance to {self.num} held-out images (pixel space, lower is better): "
-                f"real images {values['swd/real_vs_real']:.4f} (floor) | trained model {values['swd/ema_model']:.4f} "
-                f"| untrained model {values['swd/untrained_model']:.4f}")
+                f"real images {values['swd/real_vs_real']:.4f} (floor) | "
+                f"trained model {values['swd/ema_model']:.4f} | "
+                f"untrained model {values['swd/untrained_model']:.4f}")

@@ -42,7 +42,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     error.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+                      np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} and {mu2.shape}, "
                          f"sigma {sigma1.shape} and {sigma2.shape}")
@@ -59,19 +60,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def _nonnegative(eigenvalues: np.ndarray, name: str) -> np.ndarray:
     """``eigenvalues`` of a positive semi-definite matrix with rounding's negatives set to zero."""
     if eigenvalues.min() < -1e-6 * max(np.abs(eigenvalues).max(), np.finfo(np.float64).tiny):
-        raise ValueError(f"{name} is not a covariance matrix: it has the eigenvalue {eigenvalues.min():.3g} < 0")
+        raise ValueError(f"{name} is not a covariance matrix: it has the eigenvalue "
+                         f"{eigenvalues.min():.3g} < 0")
     return np.maximum(eigenvalues, 0.0)
 
 
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` parts; (mean, std) over parts (Salimans et al. 2016).
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` parts; (mean, std) over parts
+    (Salimans et al. 2016).
 
     p(y|x) is the softmax of the 1008 logits and p(y) its mean over the part, as in the
     improved-GAN code behind the papers' IS.
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2 or len(logits) < splits:
-        raise ValueError(f"need [N >= {splits}, classes] logits for {splits} splits, got shape {logits.shape}")
+        raise ValueError(f"need [N >= {splits}, classes] logits for {splits} splits, got shape "
+                         f"{logits.shape}")
     log_p = logits - logits.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     scores = []
@@ -82,14 +86,16 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
 
 
 def save_statistics(path, stats: Statistics) -> None:
-    """``path`` (.npz with ``mu`` and ``sigma``, any filesystem of ``storage``), written whole or not at all."""
+    """``path`` (.npz with ``mu`` and ``sigma``, any filesystem of ``storage``), written whole or not at
+    all."""
     storage.save_npz(storage.path(path), mu=stats.mu, sigma=stats.sigma)
 
 
 def load_statistics(path) -> Statistics:
     arrays = storage.load_npz(storage.path(path))
     if not {"mu", "sigma"} <= arrays.keys():
-        raise DataError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has {list(arrays)}")
+        raise DataError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', it has "
+                        f"{list(arrays)}")
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise DataError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not [D] and [D, D]")
@@ -97,11 +103,12 @@ def load_statistics(path) -> Statistics:
 
 
 def check_samples(images, name: str) -> np.ndarray:
-    """``images`` if they are uint8 NHWC with C in (1, 3) and N >= 2; else a DataError naming what is wrong."""
+    """``images`` if they are uint8 NHWC with C in (1, 3) and N >= 2; else a DataError naming what is
+    wrong."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
-        raise DataError(f"{name} must be uint8 images [N >= 2, H, W, C in (1, 3)], got {images.dtype} of shape "
-                        f"{images.shape}; sample.py writes them so (arr_0 of samples.npz)")
+        raise DataError(f"{name} must be uint8 images [N >= 2, H, W, C in (1, 3)], got {images.dtype} of "
+                        f"shape {images.shape}; sample.py writes them so (arr_0 of samples.npz)")
     return images
 
 
@@ -112,11 +119,13 @@ def load_samples(path) -> np.ndarray:
         raise DataError(f"no sample file {source}")
     arrays = storage.load_npz(source)
     if "arr_0" not in arrays:
-        raise DataError(f"{path} has no arr_0 (it has {list(arrays)}); samples are saved as np.savez(path, images)")
+        raise DataError(f"{path} has no arr_0 (it has {list(arrays)}); samples are saved as "
+                        "np.savez(path, images)")
     return check_samples(arrays["arr_0"], f"{path}'s arr_0")
 
 
-def reference_statistics(dataset: str, split: str, image_size: int, data_dir, extractor, cache_path) -> Statistics:
+def reference_statistics(dataset: str, split: str, image_size: int, data_dir, extractor,
+                         cache_path) -> Statistics:
     """Statistics of all images of ``dataset``/``split``, read from ``cache_path`` or computed (by every
     process, each its share of the features) and saved there by process 0."""
     if storage.path(cache_path).exists():

@@ -195,8 +195,8 @@ def weights_path(path: str | None = None) -> str:
     path = str(weights)
     if not weights.exists() or weights.is_dir():
         raise DataError(
-            f"the Inception weights for FID and IS are not at {path}. They are pytorch-fid's release ({WEIGHTS_FILE}); "
-            f"download them once with\n  mkdir -p {DEFAULT_DIR} && "
+            f"the Inception weights for FID and IS are not at {path}. They are pytorch-fid's release "
+            f"({WEIGHTS_FILE}); download them once with\n  mkdir -p {DEFAULT_DIR} && "
             f"curl -L -o {os.path.join(DEFAULT_DIR, WEIGHTS_FILE)} {WEIGHTS_URL}\n"
             f"or point to them with --inception_weights (config.eval.inception_weights) or ${WEIGHTS_ENV}")
     return path
@@ -206,9 +206,9 @@ def _read_pth(path: str) -> dict:
     try:
         import torch
     except ImportError as e:
-        raise DataError(f"reading {path} (a PyTorch file) needs torch: pip install torch (a CPU build is enough), "
-                        "or convert it once where torch is installed: python -m diffusion_jax.evaluation.inception "
-                        f"--convert {path} --out WEIGHTS.npz") from e
+        raise DataError(f"reading {path} (a PyTorch file) needs torch: pip install torch (a CPU build is "
+                        "enough), or convert it once where torch is installed: python -m "
+                        f"diffusion_jax.evaluation.inception --convert {path} --out WEIGHTS.npz") from e
     with storage.path(path).open("rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.numpy() for k, v in state.items()}
@@ -237,7 +237,8 @@ def fold(state: dict) -> dict:
 def _shapes() -> dict:
     """{"Block/conv/kernel": shape, ...} of the params of :class:`InceptionV3`, without computing them."""
     return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(jax.eval_shape(
-        InceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))["params"]).items()}
+        InceptionV3().init, jax.random.PRNGKey(0),
+        jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))["params"]).items()}
 
 
 def _unflatten(flat: dict) -> dict:
@@ -253,7 +254,8 @@ def _check(flat: dict, path: str) -> dict:
     shapes = sorted(f"{k} {flat[k].shape} vs {expected[k]}" for k in expected.keys() & flat.keys()
                     if flat[k].shape != expected[k])
     problems = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                for label, items in (("missing", missing), ("unexpected", extra), ("shape differs", shapes)) if items]
+                for label, items in (("missing", missing), ("unexpected", extra), ("shape differs", shapes))
+                if items]
     if problems:
         raise DataError(f"{path} is not pytorch-fid's FID Inception ({WEIGHTS_FILE}): " + "; ".join(problems))
     return flat
@@ -321,7 +323,8 @@ class Extractor:
         for start in range(0, len(images), size):
             batch = np.asarray(images[start:start + size])
             padded = np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
-            x = jax.make_array_from_callback(padded.shape, self.data, lambda index: padded[index])
+            x = jax.make_array_from_callback(padded.shape, self.data,
+                                             lambda index, padded=padded: padded[index])
             pool, logit = (np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)]
                            for a in self.apply({"params": self.params}, x))
             pools.append(pool.astype(np.float64))
@@ -333,7 +336,8 @@ class Extractor:
 
 def main(argv=None):
     xla_flags.set_defaults()  # before JAX starts its backends
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--convert", required=True, metavar="PTH", help="pytorch-fid's weights file")
     parser.add_argument("--out", required=True, metavar="NPZ", help="the .npz to write")
     args = parser.parse_args(argv)

@@ -41,7 +41,8 @@ class Likelihood(NamedTuple):
         return float(np.std(self.bpd, ddof=1) / np.sqrt(len(self.bpd))) if len(self.bpd) > 1 else float("nan")
 
     def rate(self) -> np.ndarray:
-        """[T]: bits/dim received when the reverse process reaches x_t: L_T + sum of L_s for s >= t (DDPM 4.3)."""
+        """[T]: bits/dim received when the reverse process reaches x_t: L_T + sum of L_s for s >= t
+        (DDPM 4.3)."""
         return self.prior + np.cumsum(self.terms[::-1])[::-1]
 
 
@@ -54,9 +55,11 @@ class Evaluator:
     def __init__(self, apply, sched, *, mean_type: str, var_type: str, batch_size: int):
         num_devices = jax.device_count()
         if batch_size < 1 or batch_size % num_devices:
-            raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} devices")
+            raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} "
+                              "devices")
         mesh = Mesh(np.asarray(jax.devices()), ("data",))
-        self.batch_size, self.data, replicated = batch_size, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        self.batch_size, self.data, replicated = (batch_size, NamedSharding(mesh, P("data")),
+                                                  NamedSharding(mesh, P()))
 
         def bound(params, x, key):
             out = losses.bits_per_dim(functools.partial(apply, params), sched, image_io.from_uint8(x), key,
@@ -78,12 +81,14 @@ class Evaluator:
         for i, start in enumerate(range(0, len(images), self.batch_size)):
             batch = images[start:start + self.batch_size]
             padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), axis=0)])
-            x = jax.make_array_from_callback(padded.shape, self.data, lambda index: padded[index])  # any process count
+            x = jax.make_array_from_callback(padded.shape, self.data,  # any process count
+                                             lambda index, padded=padded: padded[index])
             out = self.bound(params, x, jax.random.fold_in(rng, i))
-            results.append([np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)] for a in out])
+            results.append([np.asarray(multihost_utils.process_allgather(a, tiled=True))[:len(batch)]
+                            for a in out])
             if progress is not None:
                 progress(start + len(batch), len(images))
-        total, terms, prior, rmse = (np.concatenate(parts) for parts in zip(*results))
+        total, terms, prior, rmse = (np.concatenate(parts) for parts in zip(*results, strict=True))
         return Likelihood(total.astype(np.float64), terms.mean(0), float(prior.mean()), rmse.mean(0))
 
 
@@ -101,7 +106,7 @@ def plot_rate_distortion(result: Likelihood, path) -> None:
     for ax, (x, y, xlabel, ylabel) in zip(axes, (
             (steps, result.rmse, "timestep t", "distortion (RMSE, [0, 255])"),
             (steps, rate, "timestep t", "rate (bits/dim)"),
-            (rate, result.rmse, "rate (bits/dim)", "distortion (RMSE, [0, 255])"))):
+            (rate, result.rmse, "rate (bits/dim)", "distortion (RMSE, [0, 255])")), strict=True):
         ax.plot(x, y)
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)

@@ -25,7 +25,8 @@ class Evaluator:
     """The Inception network and the reference statistics, loaded once."""
 
     def __init__(self, data, *, reference_stats: str | None = None, inception_weights: str | None = None):
-        """``data``: a config's ``data`` section (name, train_split, image_size, data_dir) naming the reference."""
+        """``data``: a config's ``data`` section (name, train_split, image_size, data_dir) naming the
+        reference."""
         self.extractor = inception.Extractor(inception.load_params(inception.weights_path(inception_weights)))
         path = reference_stats or default_reference_path(data.name, data.train_split, data.image_size)
         self.reference_path = path
@@ -50,8 +51,9 @@ class Evaluator:
         ref = self.reference
         stats = fid.statistics(pool)
         is_mean, is_std = fid.inception_score(logits, splits=10)
-        return {"fid": fid.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma), "inception_score": is_mean,
-                "inception_score_std": is_std, "num_samples": int(len(images)), "reference": self.reference_path}
+        return {"fid": fid.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma),
+                "inception_score": is_mean, "inception_score_std": is_std, "num_samples": int(len(images)),
+                "reference": self.reference_path}
 
 
 def write_json(path, values: dict) -> None:

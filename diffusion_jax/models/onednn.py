@@ -52,7 +52,8 @@ def _library():
         return ctypes.CDLL(str(built[0]))
     except OSError as e:  # built against a oneDNN that has since moved or gone
         warnings.warn(f"cannot load {built[0]} ({e}): the convolutions will be XLA's; rebuild it with "
-                      "`make install` (or `pip install --no-build-isolation -e .`)", RuntimeWarning)
+                      "`make install` (or `pip install --no-build-isolation -e .`)", RuntimeWarning,
+                      stacklevel=2)
         return None
 
 

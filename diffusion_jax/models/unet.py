@@ -24,7 +24,8 @@ not underflow as in float16.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -141,7 +142,8 @@ class UNet(nn.Module):
         levels = len(self.ch_mult)
         if S != S2 or S % 2 ** (levels - 1):
             raise ValueError(
-                f"images must be square with a side divisible by 2^(levels - 1) = {2 ** (levels - 1)}, got {S}x{S2}"
+                f"images must be square with a side divisible by 2^(levels - 1) = {2 ** (levels - 1)}, "
+                f"got {S}x{S2}"
             )
         if t.shape != (B,):
             raise ValueError(f"timesteps must have shape [B] = [{B}], got {t.shape}")
@@ -195,5 +197,6 @@ PRESETS = {
     # unet2d16b2, CIFAR-10 32x32: 35,746,307 parameters
     "ddpm_cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
     # unet2d16b2c112244, CelebA-HQ and LSUN 256x256: 113,673,219 parameters
-    "ddpm_256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0),
+    "ddpm_256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
+                     dropout=0.0),
 }
