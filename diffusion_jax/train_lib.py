@@ -259,19 +259,19 @@ def _evaluate(evaluator, workdir: epath.Path, writer: summaries.Writer, log: _Lo
     log.leave_out(time.perf_counter() - began)
 
 
-def _profile(workdir: epath.Path, first: int, num: int):
-    """A ``jax.profiler`` trace of steps ``first`` + 1 .. ``first`` + ``num`` in the TensorBoard
-    directory (its Profile tab): ``(step, state)`` is called after each step."""
+def _profile(workdir: epath.Path, first: int, last: int):
+    """A ``jax.profiler`` trace of steps ``first`` + 1 .. ``last`` in the TensorBoard directory (its
+    Profile tab): ``(step, state)`` is called after each step."""
     directory = str(workdir / "tensorboard")
 
     def after(step: int, state: TrainState) -> None:
         if step == first:
             jax.block_until_ready(state)
             jax.profiler.start_trace(directory)
-        elif step == first + num:
+        elif step == last:
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
-            console(f"profiled steps {first + 1}-{first + num}: {directory} (TensorBoard's Profile tab)")
+            console(f"profiled steps {first + 1}-{last}: {directory} (TensorBoard's Profile tab)")
 
     return after
 
@@ -354,8 +354,9 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                     _Periodic(t.checkpoint_every, save, at_stop=True)]
         periodic += [_Periodic(e.every, functools.partial(_evaluate, e, workdir, writer, log, sample_rng))
                      for e in evaluators]
-        if t.profile_steps:
-            periodic.append(_Periodic(1, _profile(workdir, start + 1, t.profile_steps)))
+        profiled = (start + 1, min(start + 1 + t.profile_steps, t.num_steps))  # after the compiling step
+        if t.profile_steps and profiled[1] > profiled[0]:
+            periodic.append(_Periodic(1, _profile(workdir, *profiled)))
         prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes,
                                              seed=config.seed, randflip=d.randflip, process_index=process)
         if start < t.num_steps:

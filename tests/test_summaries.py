@@ -12,9 +12,13 @@ from tensorboard.util import tensor_util
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 
-def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_and_its_hyperparameters(tmp_path):
-    scripts.run("train.py", f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.num_steps=4",
-                "--config.train.log_every=2", "--config.sample.every=2", "--config.eval.num_samples=16")
+def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_hparams_and_a_profile(tmp_path):
+    result = scripts.run("train.py", f"--config={TINY}", f"--workdir={tmp_path}",
+                         "--config.train.num_steps=4", "--config.train.log_every=2",
+                         "--config.sample.every=2", "--config.eval.num_samples=16",
+                         "--config.train.profile_steps=10")  # more than the run has: it stops at the last
+    assert f"profiled steps 2-4: {tmp_path / 'tensorboard'}" in result.stdout
+    assert len(list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
     events = EventAccumulator(str(tmp_path / "tensorboard"),
                               size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
