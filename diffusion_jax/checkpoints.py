@@ -106,7 +106,7 @@ def _on_any_process(flag: bool) -> bool:
 
 def _set_aside(manager: ocp.CheckpointManager, workdir: epath.Path, step: int, error: Exception) -> None:
     """Move the unreadable checkpoint of ``step`` to ``WORKDIR/unreadable_checkpoints/`` (never delete it)."""
-    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    reason = errors.described(error)
     target = workdir / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     if jax.process_index() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ class Saves:
             if failed is None:
                 raise
             self.in_flight = None
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = errors.first_line(e) or type(e).__name__
             raise StorageError(f"saving the checkpoint of step {failed} in {self.manager.directory} failed: "
                                f"{reason}; the checkpoints before it are intact") from e
 
@@ -231,7 +231,7 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
             except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds for damaged files)
                 raise CheckpointError(
                     f"the checkpoint of step {step} in {directory} cannot be read "
-                    f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
+                    f"({errors.described(e)})") from e
     return Loaded(config, state.ema_params if which == "ema" else state.params,
                   f"{directory / str(step)} ({which})")
 

@@ -42,3 +42,14 @@ class DataError(Error, ValueError):
     """A dataset, weights, statistics or samples file that is missing or not what was expected."""
 
     exit_status = 6
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message ('' if it has none): a library's error, quoted in ours."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def described(error: BaseException) -> str:
+    """``Type: first line of the message`` of a library's error, for a message of ours."""
+    return f"{type(error).__name__}: {first_line(error)}"

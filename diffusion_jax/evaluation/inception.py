@@ -271,9 +271,8 @@ def load_params(path: str) -> dict:
         except FileNotFoundError as e:
             raise DataError(f"{path}: no such file ({WEIGHTS_FILE} from pytorch-fid's release)") from e
         except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:  # torch.load's kinds
-            first_line = str(e).splitlines()[0] if str(e) else ""
             raise DataError(f"{path} could not be read as a PyTorch state dict ({WEIGHTS_FILE} from "
-                            f"pytorch-fid's release): {type(e).__name__}: {first_line}") from e
+                            f"pytorch-fid's release): {errors.described(e)}") from e
         missing_bn = [k for k in state
                       if k.endswith(".conv.weight") and k.replace(".conv.weight", ".bn.weight") not in state]
         if "fc.weight" not in state or missing_bn:
