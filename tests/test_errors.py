@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import scripts
+import torch
 
 from diffusion_jax import checkpoints, convert, errors, launch, storage, train_lib
 from diffusion_jax.evaluation import inception
@@ -84,10 +86,17 @@ def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
     (tmp_path / "sampling.json").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(errors.DataError, match=f"{tmp_path / 'sampling.json'} is not a JSON file"):
         storage.read_json(storage.path(str(tmp_path / "sampling.json")))
-    (tmp_path / "weights.pth").write_bytes(os.urandom(1000))
-    with pytest.raises(errors.DataError,
-                       match=r"weights.pth could not be read as a PyTorch state dict \(pt_inception"):
-        inception.load_params(str(tmp_path / "weights.pth"))
+    with pytest.raises(errors.DataError, match="no such file"):
+        inception.load_params(str(tmp_path / "none.pth"))
+    weights = tmp_path / "weights.pth"
+    for seed in range(200):  # on garbage, torch's unpickler raises errors of many kinds (IndexError too)
+        weights.write_bytes(np.random.default_rng(seed).bytes(1000))
+        with pytest.raises(errors.DataError,
+                           match=r"weights.pth could not be read as a PyTorch state dict \(pt_inception"):
+            inception.load_params(str(weights))
+    torch.save([torch.zeros(3)], weights)
+    with pytest.raises(errors.DataError, match="weights.pth holds a list, not a PyTorch state dict"):
+        inception.load_params(str(weights))
     with pytest.raises(errors.CheckpointError, match="model.ckpt-790000 is not a TF checkpoint prefix"):
         convert.load_tf_checkpoint(str(tmp_path / "model.ckpt-790000"))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 
 import flax.linen as nn
@@ -210,7 +209,14 @@ def _read_pth(path: str) -> dict:
                         "enough), or convert it once where torch is installed: python -m "
                         f"diffusion_jax.evaluation.inception --convert {path} --out WEIGHTS.npz") from e
     with storage.path(path).open("rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler raises any kind of error on bytes it cannot parse
+            raise DataError(f"{path} could not be read as a PyTorch state dict ({WEIGHTS_FILE} from "
+                            f"pytorch-fid's release): {errors.described(e)}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path} holds a {type(state).__name__}, not a PyTorch state dict of tensors "
+                        f"({WEIGHTS_FILE} from pytorch-fid's release)")
     return {k: v.numpy() for k, v in state.items()}
 
 
@@ -270,9 +276,6 @@ def load_params(path: str) -> dict:
             state = _read_pth(path)
         except FileNotFoundError as e:
             raise DataError(f"{path}: no such file ({WEIGHTS_FILE} from pytorch-fid's release)") from e
-        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:  # torch.load's kinds
-            raise DataError(f"{path} could not be read as a PyTorch state dict ({WEIGHTS_FILE} from "
-                            f"pytorch-fid's release): {errors.described(e)}") from e
         missing_bn = [k for k in state
                       if k.endswith(".conv.weight") and k.replace(".conv.weight", ".bn.weight") not in state]
         if "fc.weight" not in state or missing_bn:
