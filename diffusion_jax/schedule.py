@@ -164,17 +164,19 @@ def schedule_from_betas(betas) -> Schedule:
             f"betas must lie in the open interval (0, 1); betas[{bad[0]}] = {float(betas[bad[0]])} "
             f"({bad.size} entries out of range)"
         )
-    table = _table(np, betas, np.cumsum(np.log1p(-betas)))
+    table = _table(np, betas, np.log1p(-betas))
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in table.items()})
 
 
-def _table(xp, betas, log_alphas_cumprod) -> dict:
-    """The coefficients of DDPM eqs. 4 and 6-7 from beta_t and log a-bar_t, in ``xp``.
+def _table(xp, betas, log_alphas) -> dict:
+    """The coefficients of DDPM eqs. 4 and 6-7 from beta_t and log alpha_t = log(1 - beta_t), in ``xp``.
 
-    1 - a-bar is -expm1(log a-bar) and log(1 - a-bar) is log1p(-a-bar) where a-bar < 1/2,
-    so that both keep float32 precision at either end of the chain.
+    alpha is exp(log alpha), 1 - a-bar is -expm1(log a-bar) and log(1 - a-bar) is log1p(-a-bar)
+    where a-bar < 1/2, so that all three keep float32 precision at either end of the chain,
+    where beta is near 0 and where it is near 1.
     """
-    alphas = 1.0 - betas
+    alphas = xp.exp(log_alphas)
+    log_alphas_cumprod = xp.cumsum(log_alphas)
     alphas_cumprod = xp.exp(log_alphas_cumprod)
     one_minus = -xp.expm1(log_alphas_cumprod)
     alphas_cumprod_prev = xp.concatenate([xp.ones_like(betas[:1]), alphas_cumprod[:-1]])
@@ -206,15 +208,15 @@ def respace(sched: Schedule, timesteps) -> Schedule:
     """The diffusion restricted to increasing ``timesteps`` (improved DDPM section 4).
 
     Entry i has a-bar of ``timesteps[i]`` and beta = 1 - a-bar_{t_i} / a-bar_{t_{i-1}} (a-bar
-    before the first is 1), both from sums of log(1 - beta) over the skipped steps so that
-    small betas keep their float32 precision. Traceable.
+    before the first is 1), both from the sum of log(1 - beta) over the skipped steps, so that
+    betas near 0 and near 1 keep their float32 precision. Traceable.
     """
     timesteps = check_timesteps(timesteps, sched.num_timesteps)
     segments = np.searchsorted(timesteps, np.arange(timesteps[-1] + 1))  # step s -> its entry
     log_alphas = jax.ops.segment_sum(
         jnp.log1p(-sched.betas[: timesteps[-1] + 1]), segments, num_segments=len(timesteps)
     )
-    return Schedule(**_table(jnp, -jnp.expm1(log_alphas), jnp.cumsum(log_alphas)))
+    return Schedule(**_table(jnp, -jnp.expm1(log_alphas), log_alphas))
 
 
 def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:

@@ -65,6 +65,36 @@ def test_table_matches_equations(name, T):
         np.testing.assert_allclose(got, expected[field], rtol=2e-6, atol=0, err_msg=field)
 
 
+def improved_ddpm_steps(T, section_counts):
+    """improved DDPM's respacing rule (section 4; their ``space_timesteps``): T split into equal sections
+    (the first T % n one longer), in each ``count`` real numbers evenly spaced from its first to its last
+    step, rounded to the nearest integer."""
+    size, extra = divmod(T, len(section_counts))
+    steps, start = [], 0
+    for i, count in enumerate(section_counts):
+        length = size + (i < extra)
+        stride = (length - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            position += stride
+        start += length
+    return sorted(set(steps))
+
+
+def test_respace_keeps_float32_precision_where_a_beta_is_near_one():
+    """improved DDPM's sections [10, 15, 20] of the cosine T = 1000 chain: its last respaced beta is
+    0.9999965, so alpha = 1 - beta is 3.5e-6, which 1 - beta in float32 gets 1e-3 wrong."""
+    T = 1000
+    steps = improved_ddpm_steps(T, [10, 15, 20])
+    ab = np.cumprod(1.0 - cosine_betas(T))[steps]
+    expected = reference_table(1.0 - ab / np.concatenate([[1.0], ab[:-1]]))
+    chain = S.respace(S.make_schedule("cosine", T), steps)
+    assert len(steps) == 45 and 1 - expected["betas"][-1] < 4e-6
+    for field in S.Schedule._fields:
+        np.testing.assert_allclose(getattr(chain, field), expected[field], rtol=5e-5, atol=0, err_msg=field)
+
+
 def test_user_betas_and_tiny_T():
     sched = S.schedule_from_betas([0.1, 0.2, 0.3])
     np.testing.assert_allclose(sched.alphas_cumprod, [0.9, 0.72, 0.504], rtol=1e-6)
