@@ -84,6 +84,16 @@ def _linear(T, *, beta_start, beta_end, **_):
     return np.linspace(beta_start, beta_end, T, dtype=np.float64)
 
 
+def _linear_scaled(T, *, beta_start, beta_end, **_):
+    """``linear`` with both ends scaled by 1000 / T (improved DDPM's ``linear``, their section 3.2), so
+    that any T keeps about the a-bar_T of T = 1000; not diffusers' ``scaled_linear``, which is ``quad``."""
+    scale = 1000 / T
+    if scale * beta_end >= 1:
+        raise ValueError(f"schedule 'linear_scaled' needs T > 1000 * beta_end = {1000 * beta_end:g} "
+                         f"(its last beta, 1000 / T * beta_end, must stay below 1), got T = {T}")
+    return np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64)
+
+
 def _quad(T, *, beta_start, beta_end, **_):
     """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end)."""
     return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
@@ -118,6 +128,7 @@ def _warmup(fraction: float):
 
 
 register_beta_schedule("linear", _linear)
+register_beta_schedule("linear_scaled", _linear_scaled)
 register_beta_schedule("quad", _quad)
 register_beta_schedule("cosine", _cosine)
 register_beta_schedule("const", _const)
@@ -137,7 +148,8 @@ def get_beta_schedule(
 
     ``linear``, ``quad``, ``const``, ``jsd``, ``warmup10``, ``warmup50`` are the schedules
     of the DDPM code (``get_beta_schedule``); ``cosine`` is improved DDPM eq. 17 with offset
-    ``s`` and betas capped at 0.999. ``jsd`` (1/T, 1/(T-1), ..., 1) is capped the same way.
+    ``s`` and betas capped at 0.999, and ``linear_scaled`` their linear schedule (the betas of
+    ``linear`` times 1000 / T). ``jsd`` (1/T, 1/(T-1), ..., 1) is capped the same way.
     """
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")

@@ -50,12 +50,17 @@ EXPECTED_BETAS = {
         [1e-4 + (0.02 - 1e-4) * i / (T // 2 - 1) if i < T // 2 else 0.02 for i in range(T)]
     ),
     "cosine": cosine_betas,
+    "linear_scaled": lambda T: np.array([1000 / T * (1e-4 + (0.02 - 1e-4) * i / (T - 1)) for i in range(T)]),
 }
 
 
 @pytest.mark.parametrize("name", S.SCHEDULES)
 @pytest.mark.parametrize("T", [20, 1000])
 def test_table_matches_equations(name, T):
+    if name == "linear_scaled" and T <= 20:  # 1000 / T * 0.02 >= 1
+        with pytest.raises(ValueError, match=rf"'linear_scaled' needs T > 1000 \* beta_end = 20 .*T = {T}"):
+            S.make_schedule(name, T)
+        return
     sched = S.make_schedule(name, T)
     assert sched.num_timesteps == T
     expected = reference_table(EXPECTED_BETAS[name](T))
