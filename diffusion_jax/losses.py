@@ -4,9 +4,11 @@
 output with C channels, or 2C when the variance is learned.
 
 Loss types: ``mse`` is L_simple (DDPM eq. 14) on the target of the ``mean_type``;
-``kl`` is the true bound's term L_{t-1} in bits/dim at a uniform t (the original code's
-``kl`` loss); ``hybrid`` is improved DDPM's L_simple + lambda L_vlb with the mean stopped
-in the bound term, where L_vlb = T * L_{t-1} so that lambda = 0.001 is the paper's value.
+``kl`` is the true bound's term L_{t-1} in bits/dim at a uniform t (the DDPM code's ``kl``
+loss, which its table 2 ablations train); ``rescaled_kl`` is improved DDPM's L_vlb = T * L_{t-1},
+an unbiased estimate of the whole bound L_0 + ... + L_{T-1} (their eq. 16 and their code's
+``RESCALED_KL``, what its ``use_kl`` trains); ``hybrid`` is their L_simple + lambda L_vlb with
+the mean stopped in the bound term, so that lambda = 0.001 is the paper's value.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jax.scipy.special import log_ndtr
 
 from diffusion_jax import schedule as sch
 
-LOSS_TYPES = ("mse", "kl", "hybrid")
+LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
 
 # Floor of the decoder's bin probabilities, as in the DDPM and improved DDPM codes (see
 # discretized_gaussian_log_likelihood).
@@ -117,18 +119,22 @@ def losses_at(
     sch.check_types(mean_type, var_type)
     x_t = sch.q_sample(sched, x0, t, noise)
     model_output = model_fn(x_t, t)
+
+    def l_vlb(output):  # improved DDPM's L_vlb, T * L_{t-1}
+        vb = vb_terms_bpd(sched, output, x0, x_t, t, mean_type=mean_type, var_type=var_type, clip_x0=False)
+        return sched.num_timesteps * vb[0]
+
     if loss_type == "kl":
-        return vb_terms_bpd(
-            sched, model_output, x0, x_t, t, mean_type=mean_type, var_type=var_type, clip_x0=False
-        )[0]
+        return vb_terms_bpd(sched, model_output, x0, x_t, t, mean_type=mean_type, var_type=var_type,
+                            clip_x0=False)[0]
+    if loss_type == "rescaled_kl":
+        return l_vlb(model_output)
     mean_out, var_out = sch.split_model_output(model_output, x_t, var_type)
     target = sch.training_target(sched, x0, x_t, t, noise, mean_type)
     mse = mean_flat(jnp.square(target - mean_out))
     if loss_type == "mse":
         return mse
-    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1)
-    vb = vb_terms_bpd(sched, frozen, x0, x_t, t, mean_type=mean_type, var_type=var_type, clip_x0=False)[0]
-    return mse + hybrid_lambda * sched.num_timesteps * vb
+    return mse + hybrid_lambda * l_vlb(jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1))
 
 
 def training_losses(model_fn: sch.ModelFn, sched: sch.Schedule, x0, rng, **loss_kwargs):

@@ -225,12 +225,18 @@ def test_hybrid_stops_the_mean_gradient_of_the_bound_term():
     hybrid = L.losses_at(lambda x_t, t_: base, sched, x0, t, noise, loss_type="hybrid", mean_type="eps",
                          var_type="learned_range")
     np.testing.assert_allclose(hybrid, mse + lam * vb, rtol=1e-5)
+    rescaled = L.losses_at(lambda x_t, t_: base, sched, x0, t, noise, loss_type="rescaled_kl",
+                           mean_type="eps", var_type="learned_range")
+    np.testing.assert_allclose(rescaled, 100 * vb, rtol=1e-6)  # improved DDPM's L_vlb = T * L_{t-1}
+    g_rescaled, g_expected = jax.grad(loss)(base, "rescaled_kl"), 100 * g_kl
+    np.testing.assert_allclose(g_rescaled, g_expected, rtol=1e-5,  # to float32 rounding of the largest
+                               atol=1e-6 * float(jnp.abs(g_expected).max()))
 
 
 @pytest.mark.parametrize(
     "loss_type, var_type, message",
     [
-        ("l2", "fixed_large", "unknown loss_type 'l2'; allowed: mse, kl, hybrid"),
+        ("l2", "fixed_large", "unknown loss_type 'l2'; allowed: mse, kl, rescaled_kl, hybrid"),
         ("hybrid", "fixed_small", "loss_type 'hybrid' trains a learned variance"),
         ("mse", "learned", "gives no gradient to the variance"),
     ],
