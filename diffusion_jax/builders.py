@@ -53,10 +53,12 @@ def learning_rate(config):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam after clipping the global gradient norm, as the DDPM code trains."""
+    """Adam after clipping the global gradient norm at ``grad_clip``, as the DDPM code trains; with
+    ``grad_clip`` 0, Adam alone, as improved DDPM's code trains (the optimizer state is the same
+    pytree either way)."""
     o = config.optim
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adam(learning_rate(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
+    clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity()
+    return optax.chain(clip, optax.adam(learning_rate(config), b1=o.beta1, b2=o.beta2, eps=o.eps))
 
 
 def init_state(config, model: UNet, tx, rng) -> TrainState:

@@ -24,11 +24,13 @@ def base() -> ml_collections.ConfigDict:
     # float32; no loss scaling is needed, see models/unet.py)
     c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
                    resamp_with_conv=True, dtype="float32")
-    # timestep_sampler: 'uniform' (DDPM) or 'loss-second-moment' (improved DDPM's importance
-    # sampling of t, for loss_type 'kl')
+    # loss_type: 'mse' (L_simple), 'kl' (L_{t-1}), 'rescaled_kl' (improved DDPM's L_vlb = T L_{t-1}) or
+    # 'hybrid' (L_simple + hybrid_lambda L_vlb), see losses.py. timestep_sampler: 'uniform' (DDPM) or
+    # 'loss-second-moment' (improved DDPM's importance sampling of t, for the bound's losses)
     c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mean_type="eps",
                        var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3,
                        timestep_sampler="uniform")
+    # grad_clip: the global gradient norm is clipped to it (0: not clipped)
     c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                    ema_decay=0.9999, ema_warmup=False)
     # batch_size is global (all devices of all processes); a checkpoint every checkpoint_every
@@ -108,8 +110,8 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(t.keep_period >= 0, "train.keep_period", t.keep_period, ">= 0 (0: keep none for good)")
-    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip > 0, "optim", dict(o),
-         "lr > 0, warmup_steps >= 0, grad_clip > 0")
+    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip >= 0, "optim", dict(o),
+         "lr > 0, warmup_steps >= 0, grad_clip >= 0 (0: no clipping)")
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1)")
     registered = sampler_registry.SAMPLERS
     need(s.sampler in registered, "sample.sampler", s.sampler, ", ".join(registered))

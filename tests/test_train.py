@@ -15,12 +15,13 @@ import time
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import scripts
 from scripts import ROOT, environment
 
-from diffusion_jax import builders, checkpoints, input_pipeline, train_lib
+from diffusion_jax import builders, checkpoints, input_pipeline, sample_lib, train_lib
 from diffusion_jax import config as config_lib
 
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -308,25 +309,55 @@ def test_cifar10_config_is_the_papers_run():
 
 def test_improved_ddpm_config_is_their_cifar10_run():
     sys.path.insert(0, ROOT)
+    from test_schedule import improved_ddpm_steps
+
     from configs import cifar10_improved
 
-    for objective, loss_type, timestep_sampler in (("hybrid", "hybrid", "uniform"),
-                                                   ("vlb", "kl", "loss-second-moment")):
+    for objective, schedule_name, var_type, loss_type, timestep_sampler in (
+            ("hybrid", "cosine", "learned_range", "hybrid", "uniform"),
+            ("vlb", "cosine", "learned_range", "rescaled_kl", "loss-second-moment"),
+            ("simple_linear", "linear_scaled", "fixed_large", "mse", "uniform"),
+            ("simple_cosine", "cosine", "fixed_large", "mse", "uniform"),
+            ("hybrid_linear", "linear_scaled", "learned_range", "hybrid", "uniform")):
         c = cifar10_improved.get_config(objective)
         config_lib.validate(c, num_devices=8, num_processes=1)
         d = c.diffusion
         assert (d.schedule, d.num_timesteps, d.mean_type, d.var_type, d.loss_type, d.hybrid_lambda,
-                d.timestep_sampler) == ("cosine", 4000, "eps", "learned_range", loss_type, 1e-3,
+                d.timestep_sampler) == (schedule_name, 4000, "eps", var_type, loss_type, 1e-3,
                                         timestep_sampler)
         assert (c.model.ch, c.model.num_res_blocks, tuple(c.model.attn_resolutions), c.model.dropout) == (
             128, 3, (16, 8), 0.3)
-        assert (c.optim.lr, c.optim.warmup_steps, c.train.batch_size, c.train.num_steps) == (
-            1e-4, 0, 128, 500_000)
-        model = builders.make_model(c)
-        shapes = jax.eval_shape(lambda c=c, model=model: builders.init_state(
-            c, model, builders.make_optimizer(c), jax.random.PRNGKey(0)))  # this iteration's c and model
-        assert model.out_ch == 6  # eps and the variance interpolation v, per channel
-        history = None if shapes.loss_history is None else shapes.loss_history.losses.shape
-        assert history == (None if objective == "hybrid" else (4000, 10))
-    with pytest.raises(ValueError, match="unknown objective 'l2'; allowed: hybrid, vlb"):
+        assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip, c.train.batch_size,
+                c.train.num_steps) == (1e-4, 0, 0.0, 128, 500_000)
+        if objective in ("hybrid", "vlb"):
+            model = builders.make_model(c)
+            shapes = jax.eval_shape(lambda c=c, model=model: builders.init_state(
+                c, model, builders.make_optimizer(c), jax.random.PRNGKey(0)))  # this iteration's c and model
+            assert model.out_ch == 6  # eps and the variance interpolation v, per channel
+            history = None if shapes.loss_history is None else shapes.loss_history.losses.shape
+            assert history == (None if objective == "hybrid" else (4000, 10))
+    sched = builders.make_schedule(c)
+    for steps in (25, 50, 100):  # their space_timesteps(4000, str(steps))
+        c.sample.steps = steps
+        assert sample_lib.sampler_timesteps(c, sched).tolist() == improved_ddpm_steps(4000, [steps])
+    with pytest.raises(ValueError, match="unknown objective 'l2'; allowed: hybrid, vlb, simple_linear"):
         cifar10_improved.get_config("l2")
+
+
+def test_grad_clip_zero_is_adam_alone():
+    """Improved DDPM's code does not clip: with grad_clip 0 the first update of a gradient of norm 1e3 is
+    plain Adam's, and the optimizer state has the same structure as with clipping."""
+    c = config_lib.base()
+    params = {"w": jax.numpy.zeros(3)}
+    grads = {"w": jax.numpy.array([600.0, -800.0, 0.0])}
+    c.optim.update(grad_clip=0.0, warmup_steps=0)
+    tx = builders.make_optimizer(c)
+    unclipped = tx.update(grads, tx.init(params), params)[0]
+    adam = optax.adam(c.optim.lr, b1=c.optim.beta1, b2=c.optim.beta2, eps=c.optim.eps)
+    np.testing.assert_allclose(unclipped["w"], adam.update(grads, adam.init(params), params)[0]["w"])
+    c.optim.grad_clip = 1.0
+    clipped_tx = builders.make_optimizer(c)
+    assert (jax.tree_util.tree_structure(clipped_tx.init(params))
+            == jax.tree_util.tree_structure(tx.init(params)))
+    clipped = clipped_tx.update({"w": grads["w"] * 1e-3 / 2}, clipped_tx.init(params), params)[0]
+    np.testing.assert_allclose(clipped["w"], unclipped["w"], rtol=1e-5)  # Adam is scale-invariant
