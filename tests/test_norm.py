@@ -39,6 +39,15 @@ def test_matches_the_equations_in_float64(shape):
     np.testing.assert_allclose(y, reference(x, params["scale"], params["bias"]), rtol=1e-4, atol=2e-5)
 
 
+def test_a_large_mean_against_its_spread_keeps_float32_precision():
+    """Mean 1e3, std 1: the variance from E[(x - mean)^2] stays within float32 rounding of the
+    group mean (E[x^2] - E[x]^2 loses all of it: outputs 0.25 off)."""
+    x = (1e3 + np.random.default_rng(3).normal(size=(2, 16, 16, 64))).astype(np.float32)
+    layer = GroupNorm(GROUPS, EPS)
+    y = layer.apply(layer.init(jax.random.PRNGKey(0), jnp.asarray(x)), jnp.asarray(x))
+    np.testing.assert_allclose(y, reference(x, 1.0, 0.0), rtol=0, atol=1e-3)
+
+
 def test_bfloat16_input_gives_float32_output_from_its_float32_values():
     x = jnp.asarray(inputs((2, 4, 4, 32)), jnp.bfloat16)
     variables = GroupNorm(GROUPS, EPS).init(jax.random.PRNGKey(0), x)
