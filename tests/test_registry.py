@@ -111,7 +111,7 @@ def test_registering_a_taken_name_or_an_unknown_option_is_refused(registries):
 
 def test_an_unknown_schedule_names_the_registered_ones(registries):
     schedule.register_beta_schedule("toy_const", lambda T, *, beta_end, **_: np.full(T, beta_end))
-    names = "linear, quad, cosine, const, jsd, warmup10, warmup50, toy_const"
+    names = "linear, linear_scaled, quad, cosine, const, jsd, warmup10, warmup50, toy_const"
     with pytest.raises(ValueError, match=re.escape(f"unknown beta schedule 'cosinus'; allowed: {names}")):
         schedule.get_beta_schedule("cosinus", 10)
     config = tiny_config("diffusion.schedule=cosinus")
