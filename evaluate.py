@@ -97,8 +97,7 @@ def reference_stats_mode():
     from diffusion_jax.evaluation import report
     from diffusion_jax.progress import console
 
-    if FLAGS.dataset not in input_pipeline.DATASETS:
-        raise ConfigError(f"--dataset={FLAGS.dataset} is not one of {', '.join(input_pipeline.DATASETS)}")
+    input_pipeline.parse(FLAGS.dataset)  # a ConfigError naming what is allowed
     size = FLAGS.image_size or {"cifar10": 32, "digits": 16}.get(FLAGS.dataset)
     if size is None:
         raise ConfigError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
@@ -126,7 +125,8 @@ def nll_mode(jax):
                                          which=FLAGS.params, config=launch.config(FLAGS))
     config_lib.validate(config, jax.device_count(), jax.process_count())
     d = config.data
-    images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
+    images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,
+                                 data_dir=d.data_dir)
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
     bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config)),

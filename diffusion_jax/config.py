@@ -18,6 +18,8 @@ from diffusion_jax.errors import ConfigError
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # name: digits, cifar10, celeb_a_hq, lsun_church, lsun_bedroom, lsun_cat, tfds:NAME[/CONFIG][:SPLIT],
+    # folder:PATH or prepared:DIR (see input_pipeline); images are converted to `channels`
     c.data = dict(name="cifar10", train_split="train", eval_split="test", image_size=32, channels=3,
                   randflip=True, data_dir=config_dict.placeholder(str))
     # dtype: the network's compute dtype, 'float32' or 'bfloat16' (params, optimizer and EMA stay
@@ -81,8 +83,11 @@ def validate(config, num_devices: int, num_processes: int) -> None:
              value, "a tuple of integers, such as --config.model.ch_mult='(1, 2, 2, 2)'")
     d, m, diff, t, o, s = (config.data, config.model, config.diffusion, config.train, config.optim,
                            config.sample)
-    need(d.name in input_pipeline.DATASETS, "data.name", d.name,
-         f"one of {', '.join(input_pipeline.DATASETS)}")
+    try:
+        input_pipeline.parse(d.name)  # the source's kind; whether it holds images is checked before training
+    except ConfigError:
+        need(False, "data.name", d.name, input_pipeline.ALLOWED)
+    need(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (colour)")
     levels = len(m.ch_mult)
     need(levels >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult, "positive integers")
     need(d.image_size > 0 and d.image_size % 2 ** (levels - 1) == 0, "data.image_size", d.image_size,

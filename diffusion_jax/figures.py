@@ -40,7 +40,8 @@ class Model:
     def test_images(self, num: int) -> np.ndarray:
         """The first ``num`` images of the eval split as model inputs in [-1, 1]."""
         d = self.config.data
-        images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
+        images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,
+                                     data_dir=d.data_dir)
         if len(images) < num:
             raise DataError(f"the {d.eval_split} split of {d.name} has {len(images)} images, fewer than "
                             f"{num}")

@@ -295,10 +295,10 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     storage.check_reachable(workdir, what="workdir")
     d, t = config.data, config.train
     process, processes = jax.process_index(), jax.process_count()
-    input_pipeline.check_batch_size(
-        input_pipeline.num_examples(d.name, d.train_split, data_dir=d.data_dir, process_index=process,
-                                    process_count=processes),
-        t.batch_size // processes)  # before anything is written
+    share = dict(image_size=d.image_size, channels=d.channels, data_dir=d.data_dir, process_index=process,
+                 process_count=processes)
+    input_pipeline.check(d.name, d.train_split, batch_size=t.batch_size // processes,
+                         **share)  # before anything is written
     storage.check_writable(workdir, what="workdir")
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
@@ -313,15 +313,15 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                         console("going on with changed settings: " + ", ".join(changed))
         if lock is not None:
             _record_start(workdir, config, lock)
-        images = input_pipeline.load(d.name, d.train_split, image_size=d.image_size, data_dir=d.data_dir,
-                                     process_index=process, process_count=processes)
+        data = input_pipeline.open_share(d.name, d.train_split, **share)
         heldout = None
         if config.eval.num_samples or config.eval.nll_images:
-            heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, data_dir=d.data_dir)
+            heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,
+                                          data_dir=d.data_dir)
 
         trainer = Trainer(config)
         init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-        evaluators = make_evaluators(config, trainer, images, heldout, init_rng)
+        evaluators = make_evaluators(config, trainer, data.images, heldout, init_rng)
         storage.check_shared(workdir)
         manager = checkpoints.checkpoint_manager(workdir, config, create=True)
         state = trainer.init(init_rng)
@@ -357,13 +357,13 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
         profiled = (start + 1, min(start + 1 + t.profile_steps, t.num_steps))  # after the compiling step
         if t.profile_steps and profiled[1] > profiled[0]:
             periodic.append(_Periodic(1, _profile(workdir, *profiled)))
-        prefetch = input_pipeline.Prefetcher(images, start, batch_size=t.batch_size // processes,
-                                             seed=config.seed, randflip=d.randflip, process_index=process)
+        prefetch = input_pipeline.batches(data, start, batch_size=t.batch_size // processes, seed=config.seed,
+                                          randflip=d.randflip, process_index=process)
         if start < t.num_steps:
             console(f"compiling the train step (step {start + 1} of {t.num_steps} next)")
         try:
             for step in range(start, t.num_steps):
-                state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
+                state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)["image"]), train_rng)
                 log.pending.append(metrics)
                 saves.check()
                 if lock is not None:

@@ -32,7 +32,7 @@ def main(config_path, out):
     for step in range(t.num_steps):
         batch = np.concatenate([input_pipeline.make_batch(h, step, batch_size=t.batch_size // 2,
                                                           seed=config.seed, randflip=d.randflip,
-                                                          process_index=i)
+                                                          process_index=i)["image"]
                                 for i, h in enumerate(halves)])
         state, _ = trainer.step(state, trainer.global_batch(batch), train_rng)
     leaves = jax.tree_util.tree_leaves(state.params)

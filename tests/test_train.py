@@ -182,7 +182,9 @@ def test_input_order_after_resume_equals_the_uninterrupted_order():
     straight.close()
     resumed = input_pipeline.Prefetcher(images, 25, **kwargs)
     for step in range(25, 40):
-        np.testing.assert_array_equal(next(resumed), first[step])
+        batch = next(resumed)
+        np.testing.assert_array_equal(batch["image"], first[step]["image"])
+        np.testing.assert_array_equal(batch["label"], first[step]["label"])
     resumed.close()
     seen = np.concatenate([input_pipeline.batch_indices(1500, 64, s, seed=3) for s in range(24)])
     assert len(np.unique(seen[:1500])) == 1500  # each epoch is a permutation
