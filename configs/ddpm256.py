@@ -10,8 +10,11 @@ Data (tfds): 'celeb_a_hq/256' needs a manual download (see the tfds catalog page
 celeb_a_hq: the images are built from CelebA with the Progressive GAN scripts, then placed
 in ~/tensorflow_datasets/downloads/manual/); 'lsun/church_outdoor', 'lsun/bedroom' and
 'lsun/cat' download from the LSUN site. Images are center-cropped and resized to 256x256.
-Each process holds its share of the split in host memory (about 196 KB per image): fine for
-CelebA-HQ (30k) and LSUN church (126k); LSUN bedroom (3M) needs hosts with ~600 GB in all.
+Read by name, each process holds its share of the split in host memory (about 196 KB per
+image): fine for CelebA-HQ (30k) and LSUN church (126k). For LSUN bedroom (3M, ~600 GB as
+uint8) prepare the records once and stream them, with flat host memory:
+    python -m diffusion_jax.prepare_data --source=tfds:lsun/bedroom --image_size=256 --out=gs://B/bedroom256
+    python train.py --config=configs/ddpm256.py:lsun_bedroom --config.data.name=prepared:gs://B/bedroom256 ...
 
 Hardware and time: the paper trained on TPU v3-128 pods; reported FID: LSUN church 7.89,
 bedroom 4.90 (6.36 in the table's large model run), CelebA-HQ no FID (samples only).
