@@ -54,3 +54,25 @@ def gaussian_mixture_eps(sched: sch.Schedule, weights, means, variances):
         return jnp.sum(r * eps_k, axis=-1)
 
     return model_fn
+
+
+def class_conditional_eps(sched: sch.Schedule, weights, means, variances):
+    """``model_fn(x_t, t, y) -> E[eps | x_t, y]`` for a mixture whose components are the classes.
+
+    ``y`` [B] in [0, K] holds class labels, with K (``len(weights)``) the "no class" label: label k
+    gives component k's exact eps (the mixture restricted to k), label K the whole mixture's
+    (:func:`gaussian_mixture_eps`), as a classifier-free-guidance network learns them both.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    num_k = weights.shape[0]
+    components = [gaussian_mixture_eps(sched, [1.0], jnp.asarray(means)[k:k + 1],
+                                       jnp.asarray(variances)[k:k + 1]) for k in range(num_k)]
+    mixture = gaussian_mixture_eps(sched, weights, means, variances)
+
+    def model_fn(x_t, t, y):
+        if y.shape != t.shape:
+            raise ValueError(f"labels y must have the shape of t {t.shape}, got {y.shape}")
+        eps = jnp.stack([fn(x_t, t) for fn in components] + [mixture(x_t, t)])  # [K + 1, B, ...]
+        return jnp.take_along_axis(eps, y.reshape((1, -1) + (1,) * (x_t.ndim - 1)), axis=0)[0]
+
+    return model_fn
