@@ -212,10 +212,11 @@ class _Periodic(NamedTuple):
         return bool(self.every) and (done % self.every == 0 or done == num_steps)
 
 
-def make_evaluators(config, trainer: Trainer, images: np.ndarray, heldout: np.ndarray | None,
+def make_evaluators(config, trainer: Trainer, images, heldout: np.ndarray | None,
                     init_rng) -> list[evaluators_lib.Evaluator]:
     """The evaluators of ``config.sample`` and ``config.eval`` (the Inception network is loaded only if
-    FID is asked for)."""
+    FID is asked for). ``images``: the training share's uint8 images, an array or a streamed share's
+    ``images`` (read when indexed)."""
     s, e, T = config.sample, config.eval, config.train.num_steps
     found = []
     if s.every:
