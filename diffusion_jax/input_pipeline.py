@@ -165,7 +165,7 @@ def tfds_examples(tfds_name: str, split: str, data_dir, image_size: int, channel
 
     tf.config.set_visible_devices([], "GPU")
     builder = tfds_builder(tfds_name, data_dir, prepared=False)  # as_dataset says when it is not
-    _check_split(builder, tfds_name, split)
+    check_split(builder, tfds_name, split)
     image_key, label_key = tfds_features(builder)
     shard = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
     try:
@@ -189,7 +189,8 @@ def tfds_examples(tfds_name: str, split: str, data_dir, image_size: int, channel
     return tfds.as_numpy(ds)
 
 
-def _check_split(builder, tfds_name: str, split: str) -> None:
+def check_split(builder, tfds_name: str, split: str) -> None:
+    """A DataError naming the splits ``builder`` has when it lacks ``split`` (unknown before preparing)."""
     splits = builder.info.splits
     if splits and split not in splits:
         raise DataError(f"tfds dataset {tfds_name!r} has no split {split!r}; it has {', '.join(splits)}")
@@ -210,7 +211,7 @@ def num_examples(name: str, split: str, *, data_dir=None, process_index: int = 0
     elif source.kind == "tfds":
         builder = tfds_builder(source.value, data_dir)
         split = _split(source, split)
-        _check_split(builder, source.value, split)
+        check_split(builder, source.value, split)
         return builder.info.splits[split].num_examples // process_count  # even_splits drops the remainder
     elif source.kind == "folder":
         count = len(image_files.list_folder(source.value).paths)

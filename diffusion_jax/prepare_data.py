@@ -116,9 +116,7 @@ def _tfds_examples(value: str, *, split: str, image_size: int, channels: int, th
     source = input_pipeline.parse(f"tfds:{value}")
     tfds_split = source.split or split
     builder = input_pipeline.tfds_builder(source.value, data_dir)
-    if tfds_split not in builder.info.splits:
-        raise DataError(f"tfds dataset {source.value!r} has no split {tfds_split!r}; it has "
-                        f"{', '.join(builder.info.splits)}")
+    input_pipeline.check_split(builder, source.value, tfds_split)
 
     def examples():
         index = 0
@@ -270,7 +268,7 @@ def prepare(source: str, out: str, *, image_size: int, channels: int = 3, split:
     kind, value = parse_source(source)
     directory = storage.path(out, what="--out")
     storage.check_reachable(directory, what="--out")
-    metadata_file = directory / f"{split}.json"
+    metadata_file = records.metadata_path(out, split)
     if metadata_file.exists():
         raise ConfigError(f"{metadata_file} exists: {directory} already holds a prepared {split!r} split; "
                           "choose another --out or --split, or delete its files first")
