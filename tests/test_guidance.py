@@ -19,15 +19,13 @@ TYPES = dict(mean_type="eps", var_type="fixed_large")
 N = 1500  # samples of each class
 
 
-@functools.cache
 def setup():
     sched = S.make_schedule()
     return sched, analytic.class_conditional_eps(sched, WEIGHTS, MEANS, STDS**2)
 
 
-def sample(name, y, w, x_T, conditional=None):
-    sched, exact = setup()
-    model_fn = guidance.guided(conditional or exact, y, w, NULL)
+def sample(name, sched, conditional, y, w, x_T):
+    model_fn = guidance.guided(conditional, y, w, NULL)
     if name == "ddpm":
         return SM.ddpm_sample(model_fn, sched, x_T, jax.random.PRNGKey(1), **TYPES).images
     steps = SM.ddim_timesteps(1000, 100, "quad") if name == "ddim" else SM.dpm_solver_timesteps(
@@ -51,7 +49,9 @@ def test_the_exact_conditional_eps_is_each_component_and_the_null_label_the_mixt
 def test_unguided_samples_of_a_class_are_its_component(name):
     x_T = jax.random.normal(jax.random.PRNGKey(2), (3 * N, 2))
     y = jnp.repeat(jnp.arange(3), N)
-    x = np.asarray(jax.jit(functools.partial(sample, name, w=0.0))(y, x_T=x_T), np.float64)
+    sched, conditional = setup()  # outside jit: its arrays are constants of the traced sampler
+    x = np.asarray(jax.jit(functools.partial(sample, name, sched, conditional, w=0.0))(y, x_T=x_T),
+                   np.float64)
     for k in range(3):
         part = x[k * N:(k + 1) * N]
         se = STDS[k] / np.sqrt(N)
@@ -87,12 +87,13 @@ def test_a_guided_ddim_step_is_eq_6_in_float64():
 def test_stronger_guidance_puts_fewer_samples_nearer_another_class():
     """Components wide enough to overlap (std 0.35): at w = 0 some samples of a class lie nearer
     another class's mean, fewer as w grows."""
-    overlapping = analytic.class_conditional_eps(setup()[0], WEIGHTS, MEANS, np.full(3, 0.35**2))
+    sched = S.make_schedule()
+    overlapping = analytic.class_conditional_eps(sched, WEIGHTS, MEANS, np.full(3, 0.35**2))
     x_T = jax.random.normal(jax.random.PRNGKey(4), (3 * 500, 2))
     y = np.repeat(np.arange(3), 500)
     wrong = []
     for w in (0.0, 1.0, 4.0):
-        x = np.asarray(sample("ddim", jnp.asarray(y), w, x_T, overlapping), np.float64)
+        x = np.asarray(sample("ddim", sched, overlapping, jnp.asarray(y), w, x_T), np.float64)
         nearest = np.argmin(((x[:, None] - MEANS[None]) ** 2).sum(-1), axis=1)
         wrong.append(float(np.mean(nearest != y)))
     assert wrong[0] > wrong[1] > wrong[2] or wrong[1] == wrong[2] == 0, wrong
