@@ -132,7 +132,7 @@ def run_workload(name: str, reps: int, tiny: bool, batch: int | None = None) -> 
         d = config.data
         images = np.random.default_rng(0).uniform(-1, 1, (config.train.batch_size, d.image_size, d.image_size,
                                                             d.channels)).astype(np.float32)
-        x, rng = trainer.global_batch(images), jax.random.PRNGKey(1)
+        x, rng = trainer.global_batch({"image": images}), jax.random.PRNGKey(1)
         start = time.perf_counter()
         step = trainer.step.lower(box[0], x, rng).compile()
         compile_s = time.perf_counter() - start

@@ -58,8 +58,8 @@ def analyze(config) -> dict:
     """Compile the train step of ``config`` over all devices: its collectives and FLOPs per device."""
     trainer = train_lib.Trainer(config)
     d = config.data
-    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
-                                 jnp.float32, sharding=trainer.data_sharding)
+    batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
+                                           jnp.float32, sharding=trainer.data_sharding)}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
     state = trainer.abstract_state()
     compiled = trainer.step.lower(state, batch, rng).compile()

@@ -48,7 +48,7 @@ def main():
     state = trainer.init(jax.random.PRNGKey(0))
     rng = jax.random.PRNGKey(1)
     batches = [trainer.global_batch(input_pipeline.make_batch(images, s, batch_size=args.batch, seed=0,
-                                                              randflip=True)["image"]) for s in range(2)]
+                                                              randflip=True)) for s in range(2)]
     state, metrics = trainer.step(state, batches[0], rng)
     jax.block_until_ready(metrics)
     start = time.perf_counter()

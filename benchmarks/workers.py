@@ -160,7 +160,7 @@ def jax_workload(name):
         config.train.batch_size = batch_size
         trainer = train_lib.Trainer(config)
         box = [trainer.init(jax.random.PRNGKey(0))]
-        batch = trainer.global_batch(_images(batch_size).astype(np.float32) / 127.5 - 1)
+        batch = trainer.global_batch({"image": _images(batch_size).astype(np.float32) / 127.5 - 1})
         rng = jax.random.PRNGKey(1)
         flops, compile_ = compiled(trainer.step, box[0], batch, rng,
                                    twin=lambda: train_lib.Trainer(config).step)

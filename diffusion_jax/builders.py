@@ -36,7 +36,8 @@ def make_model(config) -> UNet:
     m = config.model
     return UNet(ch=m.ch, out_ch=out_channels(config), ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-                dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, dtype=jnp.dtype(m.dtype))
+                dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,
+                dtype=jnp.dtype(m.dtype))
 
 
 def make_schedule(config) -> schedule.Schedule:
@@ -65,7 +66,8 @@ def init_state(config, model: UNet, tx, rng) -> TrainState:
     """Step 0: the network's initial parameters (also the EMA's), Adam's zero moments, no loss history
     unless t is importance-sampled."""
     shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
-    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32))["params"]
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1,), jnp.int32), y)["params"]
     d = config.diffusion
     history = timestep_sampler.init_history(d.num_timesteps) if d.timestep_sampler != "uniform" else None
     return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), jnp.full((), -1, jnp.int32),
@@ -80,8 +82,12 @@ def abstract_state(config, sharding) -> TrainState:
 
 
 def apply_fn(model: UNet):
-    """The network as a function ``(params, x_t, t) -> output`` for inference (no dropout)."""
-    return lambda params, x_t, t: model.apply({"params": params}, x_t, t)
+    """The network as a function ``(params, x_t, t) -> output`` for inference (no dropout); a
+    class-conditional network is given the "no class" label, so that its likelihood is p(x)."""
+    if not model.num_classes:
+        return lambda params, x_t, t: model.apply({"params": params}, x_t, t)
+    return lambda params, x_t, t: model.apply({"params": params}, x_t, t,
+                                              jnp.full(t.shape, model.null_label, jnp.int32))
 
 
 def output_types(config) -> dict:

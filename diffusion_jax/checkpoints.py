@@ -250,7 +250,7 @@ def _converted(path: epath.Path, which: str, config):
                           f"diffusion.var_type={config.diffusion.var_type!r} (so {expected} outputs)")
     config.model.update(ch=unet.ch, ch_mult=unet.ch_mult, num_res_blocks=unet.num_res_blocks,
                         attn_resolutions=unet.attn_resolutions, resamp_with_conv=unet.resamp_with_conv,
-                        dropout=0.0)
+                        dropout=0.0, num_classes=0)  # the released networks are unconditional
     config.data.image_size = image_shape[0]
     return Loaded(config, params, str(path))
 

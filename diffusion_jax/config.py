@@ -23,15 +23,18 @@ def base() -> ml_collections.ConfigDict:
     c.data = dict(name="cifar10", train_split="train", eval_split="test", image_size=32, channels=3,
                   randflip=True, data_dir=config_dict.placeholder(str))
     # dtype: the network's compute dtype, 'float32' or 'bfloat16' (params, optimizer and EMA stay
-    # float32; no loss scaling is needed, see models/unet.py)
+    # float32; no loss scaling is needed, see models/unet.py). num_classes K > 0: a class-conditional
+    # network (labels 0..K-1 of the data's classes, K for "no class"), 0: unconditional
     c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
-                   resamp_with_conv=True, dtype="float32")
+                   resamp_with_conv=True, num_classes=0, dtype="float32")
     # loss_type: 'mse' (L_simple), 'kl' (L_{t-1}), 'rescaled_kl' (improved DDPM's L_vlb = T L_{t-1}) or
     # 'hybrid' (L_simple + hybrid_lambda L_vlb), see losses.py. timestep_sampler: 'uniform' (DDPM) or
-    # 'loss-second-moment' (improved DDPM's importance sampling of t, for the bound's losses)
+    # 'loss-second-moment' (improved DDPM's importance sampling of t, for the bound's losses).
+    # cond_drop_prob: with model.num_classes, the probability that a training example's label is
+    # replaced by "no class" (classifier-free guidance's p_uncond; 0.1 in its paper's best runs)
     c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, mean_type="eps",
                        var_type="fixed_large", loss_type="mse", hybrid_lambda=1e-3,
-                       timestep_sampler="uniform")
+                       timestep_sampler="uniform", cond_drop_prob=0.0)
     # grad_clip: the global gradient norm is clipped to it (0: not clipped)
     c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, beta1=0.9, beta2=0.999, eps=1e-8,
                    ema_decay=0.9999, ema_warmup=False)
@@ -43,10 +46,13 @@ def base() -> ml_collections.ConfigDict:
     # the sampler of grids during training and the default of sample.py, one of sampler_registry's:
     # 'ddpm' (ancestral), 'ddim' (eta 0: deterministic, 1: DDPM-like) or 'dpm_solver++' (multistep of
     # `order` 2 or 3), on `steps` timesteps of `spacing` (each sampler's own, see the registry); x_0
-    # predictions clipped to [-1, 1] as in the DDPM code. Grids of `num` EMA samples with fixed noise
-    # every `every` steps (0: never).
+    # predictions clipped to [-1, 1] as in the DDPM code; dpm_solver++'s `threshold`: dynamic
+    # thresholding at that percentile of |x_0| (0: off; 0.995 in DPM-Solver++, for large guidance).
+    # `guidance`: classifier-free guidance scale w of a class-conditional model (guidance.py; 0: none).
+    # Grids of `num` EMA samples with fixed noise every `every` steps (0: never), of a
+    # class-conditional model in rows by class.
     c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", eta=0.0, clip_x0=True,
-                    order=2)
+                    order=2, threshold=0.0, guidance=0.0)
     # num_samples: at the end of training, the sliced Wasserstein distance in pixel space between
     # that many samples and held-out images (0: skip). Every `every` steps (0: never), FID of
     # fid_samples EMA samples against the statistics of data.train_split (cached at
@@ -96,6 +102,7 @@ def validate(config, num_devices: int, num_processes: int) -> None:
          "channel counts ch * ch_mult[i] must be multiples of 32 (GroupNorm's 32 groups)")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+    need(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0: unconditional)")
     need(diff.schedule in schedule.SCHEDULES, "diffusion.schedule", diff.schedule,
          ", ".join(schedule.SCHEDULES))
     need(diff.num_timesteps >= 1, "diffusion.num_timesteps", diff.num_timesteps, ">= 1")
@@ -104,6 +111,9 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     need(diff.var_type in schedule.VAR_TYPES, "diffusion.var_type", diff.var_type,
          ", ".join(schedule.VAR_TYPES))
     losses.check_loss_type(diff.loss_type, diff.var_type)
+    need(0 <= diff.cond_drop_prob < 1, "diffusion.cond_drop_prob", diff.cond_drop_prob, "in [0, 1)")
+    need(m.num_classes or diff.cond_drop_prob == 0, "diffusion.cond_drop_prob", diff.cond_drop_prob,
+         "0 for an unconditional network (model.num_classes = 0)")
     need(diff.timestep_sampler in timestep_sampler.SAMPLERS, "diffusion.timestep_sampler",
          diff.timestep_sampler, ", ".join(timestep_sampler.SAMPLERS))
     schedule.get_beta_schedule(diff.schedule, diff.num_timesteps, diff.beta_start, diff.beta_end)
@@ -130,6 +140,9 @@ def validate(config, num_devices: int, num_processes: int) -> None:
              f"{idle} with sampler {s.sampler!r} ({key} applies to {sampler_registry.option_help(key)})")
     need(1 <= s.steps <= diff.num_timesteps, "sample.steps", s.steps, f"in [1, {diff.num_timesteps}]")
     need(s.every >= 0 and s.num >= 1, "sample", dict(s), "every >= 0 and num >= 1")
+    need(s.guidance >= 0, "sample.guidance", s.guidance, ">= 0 (0: the conditional model alone)")
+    need(m.num_classes or s.guidance == 0, "sample.guidance", s.guidance,
+         "0 for an unconditional network (guidance needs model.num_classes > 0)")
     e = config.eval
     for key in ("num_samples", "every", "fid_samples", "nll_images"):
         need(e[key] >= 0, f"eval.{key}", e[key], ">= 0")

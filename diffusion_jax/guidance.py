@@ -2,9 +2,9 @@
 
 A conditional denoiser ``model_fn(x_t, t, y)`` takes integer labels ``y`` [B] in [0, K), or the
 extra label K for "no class" (``null_label``), on which the network was also trained by dropping
-labels at random. :func:`guided` turns it, for the labels ``y`` to sample and a guidance scale
-``w``, into the plain ``model_fn(x_t, t)`` every sampler takes, so that DDPM, DDIM and
-DPM-Solver++ are guided with no code of their own:
+labels at random (:func:`drop_labels`, their Algorithm 1). :func:`guided` turns it, for the
+labels ``y`` to sample and a guidance scale ``w``, into the plain ``model_fn(x_t, t)`` every
+sampler takes, so that DDPM, DDIM and DPM-Solver++ are guided with no code of their own:
 
     eps~(x_t, t, y) = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no class)      (their eq. 6)
 
@@ -19,12 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from diffusion_jax import schedule as sch
 
 # model_fn(x_t [B, ...], t [B], y [B]) -> output, as schedule.ModelFn with class labels
 ConditionalModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def drop_labels(y, rng, p_uncond: float, null_label: int):
+    """``y`` with each label replaced by ``null_label`` with probability ``p_uncond`` (independently, from
+    ``rng``): the joint training of the conditional and unconditional model (their Algorithm 1)."""
+    return jnp.where(jax.random.bernoulli(rng, p_uncond, y.shape), null_label, y)
 
 
 def guided(model_fn: ConditionalModelFn, y, w: float, null_label: int) -> sch.ModelFn:

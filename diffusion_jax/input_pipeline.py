@@ -221,6 +221,32 @@ def num_examples(name: str, split: str, *, data_dir=None, process_index: int = 0
     return share.stop - share.start
 
 
+def classes(name: str, split: str, *, data_dir=None) -> tuple[str, ...]:
+    """The names of the source's classes, label k naming the k-th (empty without classes); from its
+    metadata or listing, no image read."""
+    source = parse(name)
+    if source.kind == "digits":
+        return tuple(str(k) for k in range(10))
+    if source.kind == "tfds":
+        return tfds_classes(tfds_builder(source.value, data_dir))
+    if source.kind == "folder":
+        return image_files.list_folder(source.value).classes
+    return tuple(records.read_metadata(source.value, split)["classes"])
+
+
+def check_classes(name: str, split: str, num_classes: int, *, data_dir=None) -> None:
+    """A class-conditional network of ``num_classes`` (> 0) trains on a source with as many classes."""
+    found = classes(name, split, data_dir=data_dir)
+    if not found:
+        raise ConfigError(f"model.num_classes = {num_classes} asks for a class-conditional network, but "
+                          f"{name!r} has no classes (a folder: one subfolder per class): set "
+                          "model.num_classes = 0, or give labelled data")
+    if len(found) != num_classes:
+        raise ConfigError(f"model.num_classes = {num_classes}, but {name!r} has {len(found)} classes "
+                          f"({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}): set "
+                          f"model.num_classes = {len(found)}")
+
+
 class Examples(NamedTuple):
     """A process's share in host memory: uint8 images [N, S, S, C] and int32 labels [N] (-1: none)."""
 
@@ -393,10 +419,13 @@ def open_streamed(name: str, split: str, *, image_size: int, channels: int, proc
 
 
 def check(name: str, split: str, *, image_size: int, channels: int, batch_size: int, data_dir=None,
-          process_index: int = 0, process_count: int = 1) -> None:
+          process_index: int = 0, process_count: int = 1, num_classes: int = 0) -> None:
     """What a run can check of its data before it writes anything: the source exists and holds images
-    (a folder's listing, a prepared source's metadata and image shape, a tfds dataset's metadata) and
-    this process's share fills a batch of ``batch_size``."""
+    (a folder's listing, a prepared source's metadata and image shape, a tfds dataset's metadata),
+    this process's share fills a batch of ``batch_size``, and it has ``num_classes`` classes if that is
+    not 0 (:func:`check_classes`)."""
+    if num_classes:
+        check_classes(name, split, num_classes, data_dir=data_dir)
     if parse(name).kind in STREAMED_KINDS:
         count = len(open_streamed(name, split, image_size=image_size, channels=channels,
                                   process_index=process_index, process_count=process_count))

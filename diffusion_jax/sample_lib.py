@@ -2,11 +2,15 @@
 
 Batch ``i`` of a run with key ``rng`` draws its x_T and its sampler noise from
 ``fold_in(rng, i)``: a batch is a pure function of (params, rng, i), whatever the batches
-before it or an interruption in between. Long runs write each batch as shards, one per
+before it or an interruption in between. A class-conditional model samples sample j of the run
+as class ``labels(j)`` (every class in turn unless told otherwise), guided at
+``config.sample.guidance`` (``guidance.guided``). Long runs write each batch as shards, one per
 process, and resume after the last complete one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -15,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import image_io, sampler_registry, schedule, storage
+from diffusion_jax import guidance, image_io, sampler_registry, schedule, storage
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
@@ -26,13 +30,23 @@ def sampler_timesteps(config, sched: schedule.Schedule):
     return sampler_registry.get(s.sampler).timesteps(sched, s.steps, s.spacing)
 
 
-def sample_images(params, x_T, rng, *, model: UNet, sched: schedule.Schedule, config, record=()):
-    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (see ``sampler_registry``)."""
+def sample_images(params, x_T, rng, *, model: UNet, sched: schedule.Schedule, config, y=None, record=()):
+    """Images in [-1, 1] from x_T by the sampler of ``config.sample`` (see ``sampler_registry``); a
+    class-conditional model samples the labels ``y`` [B] at guidance scale ``config.sample.guidance``."""
     d, s = config.diffusion, config.sample
     sampler = sampler_registry.get(s.sampler)
+    if model.num_classes:
+        if y is None:
+            raise ValueError(f"this model is class-conditional ({model.num_classes} classes): give labels "
+                             "to sample")
+        model_fn = guidance.guided(lambda x, t, y: model.apply({"params": params}, x, t, y), y, s.guidance,
+                                   model.null_label)
+    else:
+        if y is not None:
+            raise ValueError("this model is unconditional (model.num_classes = 0): it samples no labels")
 
-    def model_fn(x, t):
-        return model.apply({"params": params}, x, t)
+        def model_fn(x, t):
+            return model.apply({"params": params}, x, t)
 
     timesteps, options = sampler_timesteps(config, sched), {key: s[key] for key in sampler.options}
     return sampler.run(model_fn, sched, x_T, rng, timesteps=timesteps, mean_type=d.mean_type,
@@ -44,36 +58,75 @@ def batch_keys(rng, index: int):
     return jax.random.split(jax.random.fold_in(rng, index))
 
 
-class Generator:
-    """Compiled sampling of ``num`` images a call, sharded over ``mesh``'s ``data`` axis when it divides."""
+def cycle_labels(num_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Sample j as class j mod K: every class in turn, equally often over any K consecutive samples."""
+    return lambda j: (j % num_classes).astype(np.int32)
 
-    def __init__(self, config, model: UNet, sched: schedule.Schedule, mesh: Mesh):
+
+def in_order_labels(num_classes: int, total: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Sample j of ``total`` as class floor(j K / total): the classes in order, equally many of each."""
+    if total % num_classes:
+        raise ConfigError(f"{total} samples do not divide into equal numbers of the {num_classes} classes: "
+                          f"sample a multiple of {num_classes}")
+    return lambda j: (j * num_classes // total).astype(np.int32)
+
+
+def check_label(label: int, num_classes: int) -> None:
+    """A ConfigError unless ``label`` is a class of a model of ``num_classes``."""
+    if not num_classes:
+        raise ConfigError("this model is unconditional (model.num_classes = 0): it has no classes to sample")
+    if not 0 <= label < num_classes:
+        raise ConfigError(f"class label {label} is outside the model's classes [0, {num_classes})")
+
+
+class Generator:
+    """Compiled sampling of ``num`` images a call, sharded over ``mesh``'s ``data`` axis when it divides.
+
+    ``labels(j)``: the classes of the run's samples j (int arrays) for a class-conditional model;
+    every class in turn by default (:func:`cycle_labels`)."""
+
+    def __init__(self, config, model: UNet, sched: schedule.Schedule, mesh: Mesh,
+                 labels: Callable[[np.ndarray], np.ndarray] | None = None):
         self.config, self.model, self.sched, self.mesh = config, model, sched, mesh
         self.replicated = NamedSharding(mesh, P())
         self._compiled = {}  # number of images -> compiled sampler
+        self.labels = None
+        if model.num_classes:
+            self.labels = labels or cycle_labels(model.num_classes)
+
+    def batch_labels(self, num: int, index: int) -> np.ndarray | None:
+        """The labels of batch ``index`` of ``num`` samples (None for an unconditional model)."""
+        if self.labels is None:
+            return None
+        y = np.asarray(self.labels(index * num + np.arange(num)), np.int32)
+        if y.min() < 0 or y.max() >= self.model.num_classes:
+            raise ConfigError(f"class labels {sorted(set(y.tolist()))} are outside the model's classes "
+                              f"[0, {self.model.num_classes})")
+        return y
 
     def _shape(self, num: int):
         d = self.config.data
         return (num, d.image_size, d.image_size, d.channels)
 
     def compiled(self, num: int):
-        """The jitted sampler of ``num`` images: (params, rng, index) -> images in [-1, 1]."""
+        """The jitted sampler of ``num`` images: (params, rng, index, y) -> images in [-1, 1], with ``y``
+        the labels [num] of a class-conditional model, None otherwise."""
         if num not in self._compiled:
             shape = self._shape(num)
             out = NamedSharding(self.mesh, P("data")) if num % self.mesh.size == 0 else self.replicated
 
-            def generate(params, rng, index):
+            def generate(params, rng, index, y):
                 noise_key, sampler_key = batch_keys(rng, index)
                 x_T = jax.random.normal(noise_key, shape)
                 return sample_images(params, x_T, sampler_key, model=self.model, sched=self.sched,
-                                     config=self.config).images
+                                     config=self.config, y=y).images
 
-            self._compiled[num] = jax.jit(generate, in_shardings=(self.replicated,) * 3, out_shardings=out)
+            self._compiled[num] = jax.jit(generate, in_shardings=(self.replicated,) * 4, out_shardings=out)
         return self._compiled[num]
 
     def __call__(self, params, num: int, rng, index: int = 0) -> np.ndarray:
         """Batch ``index``: ``num`` uint8 NHWC images, on every process."""
-        images = self.compiled(num)(params, rng, np.int32(index))
+        images = self.compiled(num)(params, rng, np.int32(index), self.batch_labels(num, index))
         return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
 
     def local(self, params, num: int, rng, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +134,7 @@ class Generator:
         holds and their uint8 NHWC images, computed on its own devices only."""
         if num % self.mesh.size:
             raise ConfigError(f"a batch of {num} images does not divide over the {self.mesh.size} devices")
-        images = self.compiled(num)(params, rng, np.int32(index))
+        images = self.compiled(num)(params, rng, np.int32(index), self.batch_labels(num, index))
         shards = sorted(images.addressable_shards, key=lambda shard: shard.index[0].start)
         rows = np.concatenate([np.arange(num)[shard.index[0]] for shard in shards])
         return rows, image_io.to_uint8(np.concatenate([np.asarray(shard.data) for shard in shards]))

@@ -22,7 +22,7 @@ from diffusion_jax.spacings import DPM_SOLVER_SKIPS, SPACINGS
 
 # The settings of config.sample that samplers may take beyond steps, spacing and clip_x0, each with the
 # value it must keep under a sampler that does not take it (None: any, it is ignored).
-OPTIONS = {"eta": 0.0, "order": None}
+OPTIONS = {"eta": 0.0, "order": None, "threshold": 0.0}
 
 
 class Option(NamedTuple):
@@ -138,5 +138,8 @@ register("ddpm", _ddpm, timesteps=_ddpm_timesteps, spacings=SPACINGS, all_steps_
 register("ddim", _ddim, timesteps=_ddim_timesteps, spacings=SPACINGS,
          options={"eta": Option(lambda eta: eta >= 0, ">= 0 (0: deterministic, 1: DDPM's variance)")})
 register("dpm_solver++", _dpm_solver, timesteps=_dpm_solver_timesteps, spacings=DPM_SOLVER_SKIPS,
-         options={"order": Option(lambda order: order in (1, 2, 3), "1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3)")},
+         options={"order": Option(lambda order: order in (1, 2, 3), "1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3)"),
+                  "threshold": Option(lambda ratio: 0 <= ratio < 1,
+                                      "in [0, 1): 0 off, else the percentile of dynamic thresholding "
+                                      "(0.995 in DPM-Solver++)")},
          default_spacing="logSNR")  # the DPM-Solver papers' choice

@@ -84,6 +84,15 @@ def _check_input(x_T, rng, needs_rng: bool) -> None:
         raise ValueError("rng is required: this sampler adds noise (pass a jax.random key)")
 
 
+def dynamic_threshold(pred_x0, ratio: float):
+    """Dynamic thresholding (Saharia et al. 2022, section 2.3; DPM-Solver++ section 5): per sample,
+    s = max(1, the ``ratio`` quantile of |x_0|), and x_0 clipped to [-s, s] and divided by s, so that
+    the large x_0 predictions of strong guidance are pulled back into [-1, 1] without saturating."""
+    flat = jnp.abs(pred_x0.reshape(pred_x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, ratio, axis=1), 1.0).reshape((-1,) + (1,) * (pred_x0.ndim - 1))
+    return jnp.clip(pred_x0, -s, s) / s
+
+
 def _eps_and_x0(model_fn, sched, x, t, *, mean_type, var_type, clip_x0):
     """The model's eps and x_0 predictions at (x, t); eps is recomputed from a clipped x_0."""
     mean_out, _ = sch.split_model_output(model_fn(x, t), x, var_type)
@@ -315,6 +324,7 @@ def dpm_solver_sample(
     order: int = 2,
     singlestep: bool = False,
     clip_x0: bool = False,
+    threshold: float = 0.0,
     lower_order_final: bool = True,
     record: Sequence[int] = (),
 ) -> Samples:
@@ -325,14 +335,17 @@ def dpm_solver_sample(
     (data prediction) at each timestep and one model evaluation per timestep, reusing the
     previous ones; the last step goes to x_0 (a-bar = 1), as DDIM's and diffusers'
     ``final_sigmas_type='zero'``. Order 1 is DDIM with eta = 0. ``clip_x0`` clips the x_0
-    predictions (DPM-Solver++'s thresholding with ratio 1). See :func:`dpm_solver_timesteps`
-    for step selection and :func:`_dpm_solver_coefficients` for the update.
+    predictions (DPM-Solver++'s thresholding with ratio 1); ``threshold`` > 0 applies
+    :func:`dynamic_threshold` at that ratio instead. See :func:`dpm_solver_timesteps` for step
+    selection and :func:`_dpm_solver_coefficients` for the update.
     """
     sch.check_types(mean_type, var_type)
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3 (DPM-Solver++ 2M: 2, 3M: 3), got {order!r}")
     if singlestep and order != 2:
         raise ValueError(f"singlestep is DPM-Solver++(2S), of order 2; got order {order!r}")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1) (0: off, 0.995 in DPM-Solver++), got {threshold!r}")
     _check_input(x_T, None, needs_rng=False)
     steps = sch.check_timesteps(timesteps, sched.num_timesteps)
     c, w, from_start = _dpm_solver_coefficients(sched, steps, order, lower_order_final, singlestep)
@@ -341,7 +354,10 @@ def dpm_solver_sample(
 
     def step(x, history, i):
         t = jnp.full((batch,), model_t[i], jnp.int32)
-        _, d0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type, clip_x0=clip_x0)
+        _, d0 = _eps_and_x0(model_fn, sched, x, t, mean_type=mean_type, var_type=var_type,
+                            clip_x0=clip_x0 and not threshold)
+        if threshold:
+            d0 = dynamic_threshold(d0, threshold)
         d1, d2, x_prev_start = history
         x_ref = jnp.where(from_start[i], x_prev_start, x)
         return c[i] * x_ref + w[i, 0] * d0 + w[i, 1] * d1 + w[i, 2] * d2, (d0, d1, x), d0

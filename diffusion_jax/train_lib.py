@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from diffusion_jax import (
     builders,
     checkpoints,
+    guidance,
     image_io,
     input_pipeline,
     interrupts,
@@ -55,28 +56,36 @@ from diffusion_jax.progress import console, duration
 
 
 def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Schedule, tx, config):
-    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA; returns the new state
-    and the step's metrics (the loss, and its sum and count per quarter of the timestep range).
+    """One step of DDPM Algorithm 1 with Adam, clipping and the parameter EMA on ``batch`` (``image``
+    float32 NHWC in [-1, 1]; ``label`` int32 [B] for a class-conditional network); returns the new
+    state and the step's metrics (the loss, and its sum and count per quarter of the timestep range).
 
     With ``diffusion.timestep_sampler = 'loss-second-moment'`` t is importance-sampled from the
-    loss history and each example's loss weighted by 1 / (T p_t) (improved DDPM section 3.3).
+    loss history and each example's loss weighted by 1 / (T p_t) (improved DDPM section 3.3). A
+    class-conditional network sees each label replaced by "no class" with probability
+    ``diffusion.cond_drop_prob`` (``guidance.drop_labels``), drawn from the step's key like t and the
+    noise.
     """
-    dropout_rng, diffusion_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    dropout_rng, diffusion_rng, label_rng = jax.random.split(jax.random.fold_in(rng, state.step), 3)
     d = config.diffusion
     lr = builders.learning_rate(config)(state.step)
+    x0 = batch["image"]
     t_rng, noise_rng = jax.random.split(diffusion_rng)
     if state.loss_history is None:
-        t = jax.random.randint(t_rng, (batch.shape[0],), 0, sched.num_timesteps)
-        weights = jnp.ones((batch.shape[0],))
+        t = jax.random.randint(t_rng, (x0.shape[0],), 0, sched.num_timesteps)
+        weights = jnp.ones((x0.shape[0],))
     else:
-        t, weights = timestep_sampler.sample(state.loss_history, t_rng, batch.shape[0])
-    noise = jax.random.normal(noise_rng, batch.shape, batch.dtype)
+        t, weights = timestep_sampler.sample(state.loss_history, t_rng, x0.shape[0])
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    y = None
+    if model.num_classes:
+        y = guidance.drop_labels(batch["label"], label_rng, d.cond_drop_prob, model.null_label)
 
     def loss_fn(params):
         def model_fn(x, t):
-            return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
+            return model.apply({"params": params}, x, t, y, train=True, rngs={"dropout": dropout_rng})
 
-        per_example = losses.losses_at(model_fn, sched, batch, t, noise, loss_type=d.loss_type,
+        per_example = losses.losses_at(model_fn, sched, x0, t, noise, loss_type=d.loss_type,
                                        mean_type=d.mean_type, var_type=d.var_type,
                                        hybrid_lambda=d.hybrid_lambda)
         return jnp.mean(weights * per_example), per_example
@@ -130,8 +139,11 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         return builders.abstract_state(self.config, self.replicated)
 
-    def global_batch(self, local_batch: np.ndarray):
-        return jax.make_array_from_process_local_data(self.data_sharding, local_batch)
+    def global_batch(self, local_batch: dict) -> dict:
+        """The global batch of every process's ``local_batch`` (``image``, and ``label`` if the network
+        is class-conditional), sharded on ``data``."""
+        keys = ("image", "label") if self.model.num_classes else ("image",)
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, local_batch[k]) for k in keys}
 
 
 def _take_lock(workdir: epath.Path, take_over: bool) -> run_lock.RunLock | None:
@@ -220,7 +232,9 @@ def make_evaluators(config, trainer: Trainer, images, heldout: np.ndarray | None
     s, e, T = config.sample, config.eval, config.train.num_steps
     found = []
     if s.every:
-        found.append(evaluators_lib.SampleGrid(s.every, trainer.generate, s.num))
+        # a class-conditional model samples every class in turn (sample_lib.cycle_labels): a class a column
+        found.append(evaluators_lib.SampleGrid(s.every, trainer.generate, s.num,
+                                               columns=config.model.num_classes or None))
     if e.every and e.fid_samples:
         from diffusion_jax.evaluation import report
 
@@ -299,7 +313,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     share = dict(image_size=d.image_size, channels=d.channels, data_dir=d.data_dir, process_index=process,
                  process_count=processes)
     input_pipeline.check(d.name, d.train_split, batch_size=t.batch_size // processes,
-                         **share)  # before anything is written
+                         num_classes=config.model.num_classes, **share)  # before anything is written
     storage.check_writable(workdir, what="workdir")
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
@@ -364,7 +378,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
             console(f"compiling the train step (step {start + 1} of {t.num_steps} next)")
         try:
             for step in range(start, t.num_steps):
-                state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)["image"]), train_rng)
+                state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)
                 log.pending.append(metrics)
                 saves.check()
                 if lock is not None:

@@ -34,7 +34,7 @@ def main(config_path, out):
                                                           seed=config.seed, randflip=d.randflip,
                                                           process_index=i)["image"]
                                 for i, h in enumerate(halves)])
-        state, _ = trainer.step(state, trainer.global_batch(batch), train_rng)
+        state, _ = trainer.step(state, trainer.global_batch({"image": batch}), train_rng)
     leaves = jax.tree_util.tree_leaves(state.params)
     np.savez(out, **{f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
 

@@ -3,9 +3,9 @@
     python tests/export_train_step.py CONFIG_NAME   (with XLA_FLAGS giving the CPU devices)
 
 ``CONFIG_NAME`` is a module of configs/. Prints one JSON object: for each platform, the
-partition specs of the exported module's inputs (the state's leaves, then the batch, then the
-rng) and outputs on the ``data`` mesh, its device count, the number of donated inputs and its
-custom-call targets.
+partition specs of the exported module's inputs (the state's leaves, then the batch's images
+and, for a class-conditional network, labels, then the rng) and outputs on the ``data`` mesh,
+its device count, the number of donated inputs and its custom-call targets.
 """
 
 import importlib
@@ -28,8 +28,11 @@ def main(config_name):
     config = importlib.import_module(f"configs.{config_name}").get_config()
     trainer = train_lib.Trainer(config)
     d = config.data
-    batch = jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
-                                 jnp.float32, sharding=trainer.data_sharding)
+    batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, d.image_size, d.image_size, d.channels),
+                                           jnp.float32, sharding=trainer.data_sharding)}
+    if config.model.num_classes:
+        batch["label"] = jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
+                                              sharding=trainer.data_sharding)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
     result = {}
     for platform in ("tpu", "cuda"):

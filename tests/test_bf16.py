@@ -45,7 +45,7 @@ def test_bf16_training_reaches_the_float32_loss_after_50_steps():
         before = float(held_out_loss(state.params))
         for step in range(50):
             batch = input_pipeline.make_batch(train_images, step, batch_size=64, seed=0,
-                                              randflip=True)["image"]
+                                              randflip=True)
             state, _ = trainer.step(state, trainer.global_batch(batch), jax.random.PRNGKey(3))
         assert all(p.dtype == jnp.float32
                    for p in jax.tree_util.tree_leaves((state.params, state.ema_params)))

@@ -19,7 +19,7 @@ import pytest
 import scripts
 from jax import export
 
-from configs import cifar10, ddpm256
+from configs import cifar10, cifar10_cond, ddpm256
 from diffusion_jax import builders, sample_lib
 from diffusion_jax.evaluation import inception, likelihood
 from diffusion_jax.models import onednn
@@ -55,9 +55,10 @@ def test_the_programs_here_use_onednn_on_the_cpu():
 
 
 def abstract_params(model, image_size: int, channels: int = 3):
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, image_size, image_size, channels)),
-                                             jnp.zeros((1,), jnp.int32))["params"])
+                                             jnp.zeros((1,), jnp.int32), y)["params"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -80,7 +81,19 @@ def test_sampling_loops(sampler, spacing):
     model, sched = builders.make_model(c), builders.make_schedule(c)
     generate = sample_lib.Generator(c, model, sched, mesh).compiled(4)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    check_exports(generate, abstract_params(model, 32), key, jax.ShapeDtypeStruct((), jnp.int32))
+    check_exports(generate, abstract_params(model, 32), key, jax.ShapeDtypeStruct((), jnp.int32), None)
+
+
+def test_guided_sampling():
+    """configs/cifar10_cond.py's class-conditional network, sampled with guidance (two passes batched)
+    and DPM-Solver++'s dynamic thresholding."""
+    c = cifar10_cond.get_config()
+    c.sample.update(sampler="dpm_solver++", steps=10, spacing="logSNR", threshold=0.995, guidance=2.0)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    model, sched = builders.make_model(c), builders.make_schedule(c)
+    generate = sample_lib.Generator(c, model, sched, mesh).compiled(4)
+    key, index = jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32)
+    check_exports(generate, abstract_params(model, 32), key, index, jax.ShapeDtypeStruct((4,), jnp.int32))
 
 
 def test_fid_inception_features():
@@ -98,17 +111,20 @@ def test_nll_bound():
                   jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
-def test_train_step_over_eight_devices_keeps_its_shardings_and_donation():
-    """The CIFAR-10 train step of ``Trainer`` on a Mesh('data') of 8 CPU devices (a subprocess)."""
-    result = subprocess.run(scripts.command("tests/export_train_step.py", "cifar10"),
+@pytest.mark.parametrize("config, batch_leaves", [("cifar10", 1), ("cifar10_cond", 2)])
+def test_train_step_over_eight_devices_keeps_its_shardings_and_donation(config, batch_leaves):
+    """The CIFAR-10 train step of ``Trainer`` on a Mesh('data') of 8 CPU devices (a subprocess); of the
+    class-conditional network, the labels sharded as the images."""
+    result = subprocess.run(scripts.command("tests/export_train_step.py", config),
                             env=scripts.environment(8), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     exported = json.loads(result.stdout.splitlines()[-1])
     for platform in PLATFORMS:
         e = exported[platform]
         assert e["nr_devices"] == 8
-        *state, batch, rng = e["in_specs"]
-        assert batch == "P('data',)" and rng == "P()", (batch, rng)
+        state, batch, rng = (e["in_specs"][:-1 - batch_leaves], e["in_specs"][-1 - batch_leaves:-1],
+                             e["in_specs"][-1])
+        assert batch == ["P('data',)"] * batch_leaves and rng == "P()", (batch, rng)
         # the state and the metrics replicated
         assert set(state) == {"P()"} and set(e["out_specs"]) == {"P()"}
         assert e["donated"] == len(state)  # the state, donated; not the batch nor the rng

@@ -31,13 +31,14 @@ class Evaluator(Protocol):
 
 
 class SampleGrid:
-    """A grid of ``num`` samples, as ``samples/step_STEP.png`` and the TensorBoard image ``samples``."""
+    """A grid of ``num`` samples, as ``samples/step_STEP.png`` and the TensorBoard image ``samples``, in
+    ``columns`` columns (None: a square); a class-conditional model's, one class per column."""
 
-    def __init__(self, every: int, generate: Callable, num: int):
-        self.every, self.generate, self.num = every, generate, num
+    def __init__(self, every: int, generate: Callable, num: int, columns: int | None = None):
+        self.every, self.generate, self.num, self.columns = every, generate, num, columns
 
     def run(self, params, rng) -> dict:
-        return {"samples": image_io.grid(self.generate(params, self.num, rng), scale=2)}
+        return {"samples": image_io.grid(self.generate(params, self.num, rng), columns=self.columns, scale=2)}
 
     def line(self, values: dict) -> None:
         return None

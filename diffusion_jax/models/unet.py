@@ -14,6 +14,13 @@ upsampling then a 3x3 conv (computed as four 2x2 convs of the low-resolution inp
 variance-scaling (fan_avg, uniform) init with scale 1e-10 for the layers the original
 initializes near zero (each block's conv2, attention's proj_out, conv_out); zero biases.
 
+Class-conditional networks (``num_classes`` K > 0, for classifier-free guidance, Ho & Salimans
+2022) add a learned embedding of the label y in [0, K] to the timestep embedding after its two
+dense layers, as improved DDPM's and ADM's ``label_emb``; label K is "no class", on which the
+network is trained by dropping labels (``diffusion.cond_drop_prob``) and which guidance uses for
+its unconditional pass (``guidance.py``). With K = 0 the network is the paper's, parameter for
+parameter, and takes no labels.
+
 ``dtype`` sets the compute dtype of convolutions, dense layers and attention (bfloat16
 where a config asks for it); parameters, normalization statistics and the output stay
 float32, and so do the loss, the gradients' accumulation into float32 params, Adam and the
@@ -52,6 +59,22 @@ def timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def check_labels(y, batch: int, num_classes: int) -> None:
+    """A ValueError unless ``y`` fits the network: int labels [B] for a conditional one, None otherwise.
+
+    Only shapes and dtypes are checked here (they are known when the network is traced); the values,
+    in [0, num_classes], are checked where the labels are made (``guidance``, ``train_lib``)."""
+    if not num_classes:
+        if y is not None:
+            raise ValueError("this network is unconditional (model.num_classes = 0) and takes no labels y")
+        return
+    if y is None:
+        raise ValueError(f"this network is class-conditional (model.num_classes = {num_classes}): give the "
+                         f"labels y [B], in [0, {num_classes}), or {num_classes} for no class")
+    if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"labels y must be integers of shape [B] = [{batch}], got {y.dtype} {y.shape}")
 
 
 class _Layers:
@@ -134,10 +157,16 @@ class UNet(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.1
     resamp_with_conv: bool = True
+    num_classes: int = 0  # K > 0: class-conditional, labels y in [0, K], K meaning "no class"
     dtype: Any = jnp.float32
 
+    @property
+    def null_label(self) -> int:
+        """The "no class" label of a class-conditional network: K, after the classes 0..K-1."""
+        return self.num_classes
+
     @nn.compact
-    def __call__(self, x, t, *, train: bool = False):
+    def __call__(self, x, t, y=None, *, train: bool = False):
         B, S, S2, _ = x.shape
         levels = len(self.ch_mult)
         if S != S2 or S % 2 ** (levels - 1):
@@ -147,12 +176,15 @@ class UNet(nn.Module):
             )
         if t.shape != (B,):
             raise ValueError(f"timesteps must have shape [B] = [{B}], got {t.shape}")
+        check_labels(y, B, self.num_classes)
         layers = _Layers(self.dtype)
         block = lambda out_ch, name: ResnetBlock(out_ch, self.dropout, self.dtype, name=name)  # noqa: E731
 
         temb = timestep_embedding(t, self.ch)
         temb = layers.dense(4 * self.ch, "temb_dense0")(temb)
         temb = layers.dense(4 * self.ch, "temb_dense1")(nn.swish(temb))
+        if self.num_classes:
+            temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, name="label_emb")(y)
 
         hs = [layers.conv(self.ch, "conv_in")(x.astype(self.dtype))]
         for level in range(levels):
