@@ -3,6 +3,8 @@
     python evaluate.py --mode=fid --samples=OUT/samples.npz [--dataset=cifar10 --split=train]
     python evaluate.py --mode=nll --workdir=DIR (or --checkpoint=PATH) --out=DIR [--num_images=N]
     python evaluate.py --mode=reference_stats --dataset=cifar10 --split=train
+    python evaluate.py --mode=guidance_sweep --workdir=DIR --out=DIR --guidance_scales=0,0.3,1,2,4 \
+        [--num_samples=N]
 
 Paths may be local or gs:// (any filesystem etils.epath opens). With --distributed (as
 train.py) every process computes the Inception features or bounds of its share of the
@@ -19,6 +21,13 @@ is uint8 NHWC, as sample.py writes and other FID tools read.
 The NLL is the full bound (all T terms and the prior) in bits/dim of --num_images images
 (default: all) of the config's eval split, with its standard error; OUT gets nll.json and the
 rate-distortion data of DDPM section 4.3 (rate_distortion.npz, rate_distortion.png).
+
+The guidance sweep samples a class-conditional model at each classifier-free guidance scale w
+(every class in turn, equally many; the run's sampler settings) and measures FID and IS against
+the statistics of its training data, as Ho & Salimans (2022) trade them off: OUT gets
+guidance_sweep.json and .md (a table) and guidance_sweep.png (FID and IS against w), and the
+samples of each w under OUT/w_W/ (samples.npz with their labels); an interrupted sweep resumes
+after the last complete shard. FID and IS of one guided sample set: sample.py --guidance=W --fid.
 """
 
 from absl import app, flags, logging
@@ -28,7 +37,7 @@ from diffusion_jax import launch, xla_flags
 from diffusion_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats"], "what to evaluate")
+flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats", "guidance_sweep"], "what to evaluate")
 flags.DEFINE_string("samples", None, "mode fid: an .npz of samples (arr_0: uint8 NHWC)")
 flags.DEFINE_string("dataset", "cifar10", "modes fid, reference_stats: the reference dataset")
 flags.DEFINE_string("split", "train", "modes fid, reference_stats: its split (all images are used)")
@@ -47,25 +56,30 @@ flags.DEFINE_integer("step", None, "mode nll: the workdir's checkpoint (default:
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "mode nll: EMA or raw parameters")
 flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to evaluate (0: all)",
                      lower_bound=0)
+flags.DEFINE_list("guidance_scales", ["0", "0.3", "1", "2", "4"], "mode guidance_sweep: the scales w")
+flags.DEFINE_integer("num_samples", 10_000, "mode guidance_sweep: samples at each scale", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "mode nll: seed of the noise")
-flags.DEFINE_string("out", None, "mode nll: output directory")
+flags.DEFINE_integer("seed", 0, "modes nll, guidance_sweep: seed of the noise")
+flags.DEFINE_string("out", None, "modes nll, guidance_sweep: output directory")
 launch.define_distributed_flags()
 flags.mark_flags_as_required(["mode"])
 
+MODEL = ("nll", "guidance_sweep")  # the modes that evaluate a model
 MODE_FLAGS = {"samples": ("fid",), "dataset": ("fid", "reference_stats"), "split": ("fid", "reference_stats"),
               "data_dir": ("fid", "reference_stats"), "image_size": ("reference_stats",),
-              "reference_stats": ("fid", "reference_stats"),
-              "inception_weights": ("fid", "reference_stats"), "config": ("nll",), "workdir": ("nll",),
-              "checkpoint": ("nll",), "step": ("nll",), "params": ("nll",), "num_images": ("nll",),
-              "seed": ("nll",), "out": ("nll",)}
+              "reference_stats": ("fid", "reference_stats", "guidance_sweep"),
+              "inception_weights": ("fid", "reference_stats", "guidance_sweep"), "config": MODEL,
+              "workdir": MODEL, "checkpoint": MODEL, "step": MODEL, "params": MODEL, "num_images": ("nll",),
+              "seed": MODEL, "out": MODEL, "guidance_scales": ("guidance_sweep",),
+              "num_samples": ("guidance_sweep",)}
 
 
 def check_flags():
     for name, modes in MODE_FLAGS.items():
         if FLAGS[name].present and FLAGS.mode not in modes:
             raise ConfigError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
-    required = {"fid": ["samples"], "nll": ["out"], "reference_stats": []}[FLAGS.mode]
+    required = {"fid": ["samples"], "nll": ["out"], "reference_stats": [],
+                "guidance_sweep": ["out"]}[FLAGS.mode]
     missing = [f"--{name}" for name in required if FLAGS[name].value is None]
     if missing:
         raise ConfigError(f"--mode={FLAGS.mode} needs {', '.join(missing)}")
@@ -109,13 +123,11 @@ def reference_stats_mode():
                              f"{evaluator.reference_path}")
 
 
-def nll_mode(jax):
-    import numpy as np
-
-    from diffusion_jax import builders, checkpoints, input_pipeline, storage
+def output_and_model(jax):
+    """The modes that evaluate a model: --out (checked reachable, writable and shared by every process)
+    and the model of --workdir or --checkpoint, ``(out, config, params)``, its config validated."""
+    from diffusion_jax import checkpoints, storage
     from diffusion_jax import config as config_lib
-    from diffusion_jax.evaluation import likelihood, report
-    from diffusion_jax.progress import Progress, console
 
     out = storage.path(FLAGS.out, what="--out")
     storage.check_reachable(out, what="--out")
@@ -124,6 +136,17 @@ def nll_mode(jax):
     config, params, _ = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
                                          which=FLAGS.params, config=launch.config(FLAGS))
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    return out, config, params
+
+
+def nll_mode(jax):
+    import numpy as np
+
+    from diffusion_jax import builders, input_pipeline, storage
+    from diffusion_jax.evaluation import likelihood, report
+    from diffusion_jax.progress import Progress, console
+
+    out, config, params = output_and_model(jax)
     d = config.data
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,
                                  data_dir=d.data_dir)
@@ -144,6 +167,62 @@ def nll_mode(jax):
         console(f"wrote nll.json, rate_distortion.npz and rate_distortion.png to {out}")
 
 
+def guidance_scales() -> list[float]:
+    """--guidance_scales as numbers, each >= 0 (a ConfigError otherwise)."""
+    try:
+        scales = [float(w) for w in FLAGS.guidance_scales]
+    except ValueError as e:
+        raise ConfigError(f"--guidance_scales={','.join(FLAGS.guidance_scales)} must be numbers >= 0, "
+                          "such as 0,0.3,1,2,4") from e
+    if not scales or min(scales) < 0:
+        raise ConfigError(f"--guidance_scales={','.join(FLAGS.guidance_scales)} must be numbers >= 0")
+    return scales
+
+
+def guidance_sweep_mode(jax):
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh
+
+    from diffusion_jax import builders, progress, sample_lib, storage
+    from diffusion_jax.evaluation import report
+
+    scales = guidance_scales()
+    out, config, params = output_and_model(jax)
+    if not config.model.num_classes:
+        raise ConfigError("--mode=guidance_sweep needs a class-conditional model; this one is unconditional "
+                          "(model.num_classes = 0)")
+    if FLAGS.batch_size % jax.device_count():
+        raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
+                          "devices")
+    scorer = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
+                              inception_weights=FLAGS.inception_weights)
+    model, sched = builders.make_model(config), builders.make_schedule(config)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    rows = []
+    for w in scales:
+        config.sample.guidance = w
+        directory = out / f"w_{w:g}"
+        generate = sample_lib.Generator(config, model, sched, mesh)
+        images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed),
+                                             directory / "shards", FLAGS.num_samples, FLAGS.batch_size,
+                                             progress=progress.Progress(f"samples at w = {w:g}"))
+        if jax.process_index() == 0:
+            storage.save_npz(directory / "samples.npz", images,
+                             labels=generate.labels(np.arange(FLAGS.num_samples)))
+        multihost_utils.sync_global_devices(f"samples of w = {w:g} written")
+        if images is None:  # the other processes read what process 0 assembled
+            images = storage.load_npz(directory / "samples.npz")["arr_0"]
+        values = scorer.fid_and_is(images)
+        report.print_fid(values, prefix=f"w = {w:g}: ")
+        rows.append(dict(guidance=w, **values))
+        sampler = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "order", "clip_x0",
+                                                 "threshold")}
+        report.write_guidance_sweep(rows, out, dict(sampler=sampler, seed=FLAGS.seed,
+                                                     model=FLAGS.workdir or FLAGS.checkpoint))
+    progress.console(f"wrote guidance_sweep.json, guidance_sweep.md and guidance_sweep.png to {out}")
+
+
 def main(argv):
     del argv
     xla_flags.set_defaults()  # before launch.start starts JAX's backends
@@ -158,6 +237,8 @@ def main(argv):
             fid_mode()
         elif FLAGS.mode == "reference_stats":
             reference_stats_mode()
+        elif FLAGS.mode == "guidance_sweep":
+            guidance_sweep_mode(jax)
         else:
             nll_mode(jax)
 

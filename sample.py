@@ -7,7 +7,15 @@
 The model: --workdir (a training run, its latest checkpoint or --step; --params=ema|raw) or
 --checkpoint (a training checkpoint WORKDIR/checkpoints/STEP, or convert.py's output). The
 sampler: the config's ``sample`` settings (the run's, or --config's for converted
-checkpoints), overridden by --sampler, --steps, --spacing, --eta, --order, --clip_x0.
+checkpoints), overridden by --sampler, --steps, --spacing, --eta, --order, --clip_x0, --threshold.
+
+A class-conditional model (model.num_classes > 0) samples --class_label=K (class K) or
+--class_label=all (the classes in order, --num_samples / K of each; samples.png then has one row
+per class), with classifier-free guidance of scale --guidance=W (default: the config's
+sample.guidance; 0: the conditional model alone), in mode samples:
+
+    python sample.py --workdir=out/quickstart_cond --out=OUT --class_label=all --guidance=1 \
+        --num_samples=1000
 
 Modes (--mode):
   samples               --num_samples images in shards of --batch_size under OUT/shards/,
@@ -48,6 +56,11 @@ flags.DEFINE_string("spacing", None, f"override config.sample.spacing ({sampler_
 flags.DEFINE_float("eta", None, f"override config.sample.eta ({sampler_registry.option_help('eta')})")
 flags.DEFINE_integer("order", None, f"override config.sample.order ({sampler_registry.option_help('order')})")
 flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
+flags.DEFINE_float("threshold", None,
+                   f"override config.sample.threshold ({sampler_registry.option_help('threshold')})")
+flags.DEFINE_string("class_label", None, "a class-conditional model's class to sample, 0..K-1, or 'all'")
+flags.DEFINE_float("guidance", None, "override config.sample.guidance, the classifier-free guidance scale w "
+                   "of a class-conditional model (0: none)", lower_bound=0)
 flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples",
                      lower_bound=1)
@@ -65,7 +78,8 @@ flags.mark_flags_as_required(["out"])
 
 # flags that apply only to some modes or samplers
 MODE_FLAGS = {"num_interp": ("interpolate", "interpolate_diffused"), "t": ("interpolate_diffused",),
-              "fid": ("samples",), "reference_stats": ("samples",), "inception_weights": ("samples",)}
+              "fid": ("samples",), "reference_stats": ("samples",), "inception_weights": ("samples",),
+              "class_label": ("samples",), "guidance": ("samples",)}
 
 
 def check_mode_flags():
@@ -92,8 +106,49 @@ def check_sampler_flags(config):
             raise ConfigError(f"--t={FLAGS.t} must be below the {config.diffusion.num_timesteps} timesteps")
 
 
+def check_class_flags(config):
+    """ConfigError for class flags that do not fit the model: labels of an unconditional model, or none
+    for a conditional one (which samples only in mode samples)."""
+    num_classes = config.model.num_classes
+    if not num_classes:
+        for name in ("class_label", "guidance"):
+            if FLAGS[name].present:
+                raise ConfigError(f"--{name} needs a class-conditional model; this one is unconditional "
+                                  "(model.num_classes = 0)")
+        return
+    if FLAGS.mode != "samples":
+        raise ConfigError(f"this model is class-conditional ({num_classes} classes): it samples in "
+                          f"--mode=samples with --class_label, not in --mode={FLAGS.mode}")
+    if FLAGS.class_label is None:
+        raise ConfigError(f"this model is class-conditional ({num_classes} classes): give "
+                          f"--class_label=K (0..{num_classes - 1}) or --class_label=all")
+    from diffusion_jax import sample_lib
+
+    if FLAGS.class_label == "all":
+        sample_lib.in_order_labels(num_classes, FLAGS.num_samples)  # a ConfigError unless K divides them
+    else:
+        if not FLAGS.class_label.lstrip("-").isdigit():
+            raise ConfigError(f"--class_label={FLAGS.class_label} is neither a class number nor 'all'")
+        sample_lib.check_label(int(FLAGS.class_label), num_classes)
+
+
+def class_labels(config):
+    """The labels of the samples, as ``sample_lib.Generator`` takes them (None: unconditional)."""
+    import numpy as np
+
+    from diffusion_jax import sample_lib
+
+    num_classes = config.model.num_classes
+    if not num_classes:
+        return None
+    if FLAGS.class_label == "all":
+        return sample_lib.in_order_labels(num_classes, FLAGS.num_samples)
+    label = int(FLAGS.class_label)
+    return lambda j: np.full(len(j), label, np.int32)
+
+
 def sampler_config(config):
-    for name in ("sampler", "steps", "spacing", "eta", "order", "clip_x0"):
+    for name in ("sampler", "steps", "spacing", "eta", "order", "clip_x0", "threshold", "guidance"):
         if FLAGS[name].value is not None:
             config.sample[name] = FLAGS[name].value
     if FLAGS.sampler is not None:  # the sampler's own steps and spacing unless told otherwise
@@ -136,8 +191,9 @@ def main(argv):
 
 
 def samples(jax, loaded, out):
-    """Mode samples: each process's shards, then samples.npz and a grid of the first 64 from process 0;
-    FID and IS with --fid."""
+    """Mode samples: each process's shards, then samples.npz (with ``labels`` for a class-conditional
+    model) and a grid of the first 64 (of --class_label=all: a row per class) from process 0; FID and
+    IS with --fid."""
     import numpy as np
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh
@@ -147,6 +203,9 @@ def samples(jax, loaded, out):
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                     sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
+    if config.model.num_classes:  # what the samples are of, for a resume to match
+        settings.update(class_label=FLAGS.class_label, guidance=config.sample.guidance,
+                        num_samples=FLAGS.num_samples)
     options = sampler_registry.get(config.sample.sampler).options  # eta is recorded for every sampler
     settings["sample"].update({k: config.sample[k] for k in options})
     check_run_settings(out, settings)
@@ -157,13 +216,24 @@ def samples(jax, loaded, out):
         evaluator = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
                                      inception_weights=FLAGS.inception_weights)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh)
+    generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh,
+                                    labels=class_labels(config))
     images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), out / "shards",
                                          FLAGS.num_samples, FLAGS.batch_size,
                                          progress=progress.Progress("samples"))
     if jax.process_index() == 0:
-        storage.save_npz(out / "samples.npz", images)
-        image_io.save_grid(images[:64], out / "samples.png", scale=2)
+        if config.model.num_classes:
+            labels = generate.labels(np.arange(FLAGS.num_samples))
+            storage.save_npz(out / "samples.npz", images, labels=labels)
+        else:
+            storage.save_npz(out / "samples.npz", images)
+        if FLAGS.class_label == "all":  # one row per class: its first samples
+            per_class = FLAGS.num_samples // config.model.num_classes
+            columns = min(per_class, 10)
+            rows = [images[k * per_class:k * per_class + columns] for k in range(config.model.num_classes)]
+            image_io.save_grid(np.concatenate(rows), out / "samples.png", columns=columns, scale=2)
+        else:
+            image_io.save_grid(images[:64], out / "samples.png", scale=2)
         progress.console(f"wrote {len(images)} samples to {out / 'samples.npz'} and samples.png")
     if evaluator is not None:
         multihost_utils.sync_global_devices("samples.npz written")
@@ -185,6 +255,7 @@ def run(jax):
     config = sampler_config(loaded.config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
     check_sampler_flags(config)
+    check_class_flags(config)
     if FLAGS.batch_size % jax.device_count():
         raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
                           "devices")

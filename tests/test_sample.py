@@ -84,6 +84,9 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     (["--mode=interpolate", "--eta=1.0"], "deterministic DDIM", 2),
     (["--fid", "--inception_weights=/nonexistent/pt_inception.pth"], "pt_inception-2015-12-05", 6),
     (["--step=7"], "no checkpoint of step 7", 5),
+    (["--guidance=1"], "--guidance needs a class-conditional model; this one is unconditional", 2),
+    (["--class_label=3"], "--class_label needs a class-conditional model", 2),
+    (["--sampler=ddim", "--threshold=0.995"], "sample.threshold", 2),
 ])
 def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message, status):
     result = sample(quickstart_workdir, tmp_path, *args, expect=status)

@@ -8,6 +8,8 @@ the samples' 1008-way softmax. The papers report both on 50,000 samples.
 
 from __future__ import annotations
 
+import io
+
 import jax
 import numpy as np
 
@@ -62,8 +64,8 @@ def write_json(path, values: dict) -> None:
         storage.write_json(storage.path(path), values)
 
 
-def print_fid(values: dict) -> None:
-    console(f"FID {values['fid']:.3f}  IS {values['inception_score']:.3f} +- "
+def print_fid(values: dict, prefix: str = "") -> None:
+    console(f"{prefix}FID {values['fid']:.3f}  IS {values['inception_score']:.3f} +- "
             f"{values['inception_score_std']:.3f}  ({values['num_samples']} samples; reference "
             f"{values['reference']})")
 
@@ -72,3 +74,37 @@ def print_nll(result: likelihood.Likelihood, split: str) -> None:
     console(f"NLL {result.mean:.4f} +- {result.stderr:.4f} bits/dim (bound, standard error) over "
             f"{len(result.bpd)} images of the {split} split; prior {result.prior:.2e}, decoder "
             f"{result.terms[0]:.4f} bits/dim")
+
+
+def write_guidance_sweep(rows: list[dict], out, settings: dict) -> None:
+    """The FID and IS of each guidance scale (``rows`` of ``guidance`` and :meth:`Evaluator.fid_and_is`'s
+    values) as ``out/guidance_sweep.json``, a Markdown table ``.md`` and a plot ``.png``, from process 0."""
+    if jax.process_index() != 0:
+        return
+    out = storage.path(out)
+    storage.write_json(out / "guidance_sweep.json", dict(settings, rows=rows))
+    lines = ["| guidance w | FID | IS | samples |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['guidance']:g} | {r['fid']:.3f} | {r['inception_score']:.3f} +- "
+              f"{r['inception_score_std']:.3f} | {r['num_samples']} |" for r in rows]
+    storage.write_bytes(out / "guidance_sweep.md", ("\n".join(lines) + "\n").encode())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = [r["guidance"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (x, y, xlabel, ylabel) in zip(axes, (
+            (w, [r["fid"] for r in rows], "guidance scale w", "FID"),
+            (w, [r["inception_score"] for r in rows], "guidance scale w", "Inception score"),
+            ([r["inception_score"] for r in rows], [r["fid"] for r in rows], "Inception score", "FID")),
+            strict=True):
+        ax.plot(x, y, marker="o")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"classifier-free guidance: FID and IS of {rows[0]['num_samples']} samples at each w")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(out / "guidance_sweep.png", png.getvalue())
