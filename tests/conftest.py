@@ -17,7 +17,7 @@ QUICKSTART_STEPS = 300
 # make test runs two pytest-xdist workers (--dist loadgroup); the tests of each expensive shared
 # fixture go to one worker, so that it is built once. sample.py --fid needs both of the first two.
 ONE_WORKER = {"quickstart_workdir": "quickstart", "fid_files": "quickstart", "reference": "train-reference",
-              "extractor": "fid-extractor"}
+              "extractor": "fid-extractor", "conditional_workdir": "conditional"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups into the test ids
