@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import schedule as sch
 
@@ -38,6 +39,11 @@ def guided(model_fn: ConditionalModelFn, y, w: float, null_label: int) -> sch.Mo
     """``model_fn(x_t, t)`` sampling labels ``y`` [B] at guidance scale ``w`` >= 0 (eq. 6 above)."""
     if w < 0:
         raise ValueError(f"the guidance scale w must be >= 0 (0: the conditional model alone), got {w}")
+    if not isinstance(y, jax.core.Tracer):  # labels known here (not traced): checked now
+        known = np.asarray(y)
+        if known.size and (known.min() < 0 or known.max() > null_label):
+            raise ValueError(f"class labels must be in [0, {null_label}) ({null_label}: no class), got "
+                             f"{sorted(set(known.ravel().tolist()))[:10]}")
     y = jnp.asarray(y, jnp.int32)
     if w == 0:
         return lambda x_t, t: model_fn(x_t, t, y)

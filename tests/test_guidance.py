@@ -115,3 +115,5 @@ def test_guided_uses_one_forward_at_w_0_and_two_batched_otherwise():
     np.testing.assert_allclose(out[:, 2:], x)  # the variance channels: the conditional pass's
     with pytest.raises(ValueError, match="guidance scale w must be >= 0"):
         guidance.guided(model_fn, y, -1.0, NULL)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\) \(3: no class\), got \[0, 4\]"):
+        guidance.guided(model_fn, jnp.array([0, 4]), 1.0, NULL)
