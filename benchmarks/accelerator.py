@@ -156,7 +156,8 @@ def run_workload(name: str, reps: int, tiny: bool, batch: int | None = None) -> 
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng, n = jax.random.PRNGKey(2), sizes["ddim_batch"]
         start = time.perf_counter()
-        trainer.generate.compiled(n).lower(params, rng, np.int32(0)).compile()
+        labels = trainer.generate.batch_labels(n, 0)  # None: the CIFAR-10 network is unconditional
+        trainer.generate.compiled(n).lower(params, rng, np.int32(0), labels).compile()
         compile_s = time.perf_counter() - start
 
         def run():

@@ -179,6 +179,7 @@ def jax_workload(name):
         params = trainer.init(jax.random.PRNGKey(0)).params
         rng = jax.random.PRNGKey(2)
         flops, compile_ = compiled(trainer.generate.compiled(IMAGES[name]), params, rng, np.int32(0),
+                                   trainer.generate.batch_labels(IMAGES[name], 0),
                                    twin=lambda: train_lib.Trainer(config).generate.compiled(IMAGES[name]))
 
         def build():  # into the compilation cache, from which the first run loads it
