@@ -253,9 +253,9 @@ def run(jax):
     loaded = checkpoints.load(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, step=FLAGS.step,
                               which=FLAGS.params, config=launch.config(FLAGS))
     config = sampler_config(loaded.config)
+    check_class_flags(config)  # before validate: its message names the flags, not the config keys
     config_lib.validate(config, jax.device_count(), jax.process_count())
     check_sampler_flags(config)
-    check_class_flags(config)
     if FLAGS.batch_size % jax.device_count():
         raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
                           "devices")
