@@ -50,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
     # thresholding at that percentile of |x_0| (0: off; 0.995 in DPM-Solver++, for large guidance).
     # `guidance`: classifier-free guidance scale w of a class-conditional model (guidance.py; 0: none).
     # Grids of `num` EMA samples with fixed noise every `every` steps (0: never), of a
-    # class-conditional model in rows by class.
+    # class-conditional model one class per column.
     c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", eta=0.0, clip_x0=True,
                     order=2, threshold=0.0, guidance=0.0)
     # num_samples: at the end of training, the sliced Wasserstein distance in pixel space between

@@ -85,7 +85,7 @@ def _check_input(x_T, rng, needs_rng: bool) -> None:
 
 
 def dynamic_threshold(pred_x0, ratio: float):
-    """Dynamic thresholding (Saharia et al. 2022, section 2.3; DPM-Solver++ section 5): per sample,
+    """Dynamic thresholding (Saharia et al. 2022, Imagen; as DPM-Solver++ applies it): per sample,
     s = max(1, the ``ratio`` quantile of |x_0|), and x_0 clipped to [-s, s] and divided by s, so that
     the large x_0 predictions of strong guidance are pulled back into [-1, 1] without saturating."""
     flat = jnp.abs(pred_x0.reshape(pred_x0.shape[0], -1))
