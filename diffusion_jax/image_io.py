@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -50,3 +51,37 @@ def save_png(image: np.ndarray, path) -> None:
 def save_grid(images: np.ndarray, path, *, columns: int | None = None, scale: int = 1) -> None:
     """Write uint8 NHWC images as one PNG grid (``grid``) to ``path``."""
     save_png(grid(images, columns=columns, scale=scale), path)
+
+
+class Panel(NamedTuple):
+    """One line plot of :func:`save_plots`: y against x, with axis labels."""
+
+    x: object
+    y: object
+    xlabel: str
+    ylabel: str
+    invert_x: bool = False
+    marker: str | None = None
+
+
+def save_plots(panels: list[Panel], title: str, path) -> None:
+    """``panels`` side by side under ``title``, as a PNG at ``path`` (any filesystem of ``storage``);
+    matplotlib on its Agg backend, so no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        ax.plot(panel.x, panel.y, marker=panel.marker)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.grid(alpha=0.3)
+        if panel.invert_x:
+            ax.invert_xaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(storage.path(path), png.getvalue())

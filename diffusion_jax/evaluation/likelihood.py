@@ -9,7 +9,6 @@ sharded over the devices in batches; batch i draws its noise from ``fold_in(rng,
 from __future__ import annotations
 
 import functools
-import io
 from typing import NamedTuple
 
 import jax
@@ -19,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import image_io, losses, storage
+from diffusion_jax import image_io, losses
 from diffusion_jax.errors import ConfigError, DataError
 
 
@@ -95,26 +94,11 @@ class Evaluator:
 def plot_rate_distortion(result: Likelihood, path) -> None:
     """DDPM Fig. 5: distortion and rate against the reverse-process step, and distortion against rate, as a
     PNG at ``path`` (any filesystem of ``storage``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = np.arange(len(result.terms))
     rate = result.rate()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (x, y, xlabel, ylabel) in zip(axes, (
-            (steps, result.rmse, "timestep t", "distortion (RMSE, [0, 255])"),
-            (steps, rate, "timestep t", "rate (bits/dim)"),
-            (rate, result.rmse, "rate (bits/dim)", "distortion (RMSE, [0, 255])")), strict=True):
-        ax.plot(x, y)
-        ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].invert_xaxis()
-    axes[1].invert_xaxis()
-    fig.suptitle(f"NLL {result.mean:.3f} +- {result.stderr:.3f} bits/dim over {len(result.bpd)} images")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(storage.path(path), png.getvalue())
+    image_io.save_plots([image_io.Panel(steps, result.rmse, "timestep t", "distortion (RMSE, [0, 255])",
+                                        invert_x=True),
+                         image_io.Panel(steps, rate, "timestep t", "rate (bits/dim)", invert_x=True),
+                         image_io.Panel(rate, result.rmse, "rate (bits/dim)", "distortion (RMSE, [0, 255])")],
+                        f"NLL {result.mean:.3f} +- {result.stderr:.3f} bits/dim over {len(result.bpd)} "
+                        "images", path)

@@ -8,12 +8,10 @@ the samples' 1008-way softmax. The papers report both on 50,000 samples.
 
 from __future__ import annotations
 
-import io
-
 import jax
 import numpy as np
 
-from diffusion_jax import storage
+from diffusion_jax import image_io, storage
 from diffusion_jax.evaluation import fid, inception, likelihood
 from diffusion_jax.progress import Progress, console
 
@@ -87,24 +85,9 @@ def write_guidance_sweep(rows: list[dict], out, settings: dict) -> None:
     lines += [f"| {r['guidance']:g} | {r['fid']:.3f} | {r['inception_score']:.3f} +- "
               f"{r['inception_score_std']:.3f} | {r['num_samples']} |" for r in rows]
     storage.write_bytes(out / "guidance_sweep.md", ("\n".join(lines) + "\n").encode())
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    w = [r["guidance"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (x, y, xlabel, ylabel) in zip(axes, (
-            (w, [r["fid"] for r in rows], "guidance scale w", "FID"),
-            (w, [r["inception_score"] for r in rows], "guidance scale w", "Inception score"),
-            ([r["inception_score"] for r in rows], [r["fid"] for r in rows], "Inception score", "FID")),
-            strict=True):
-        ax.plot(x, y, marker="o")
-        ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"classifier-free guidance: FID and IS of {rows[0]['num_samples']} samples at each w")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(out / "guidance_sweep.png", png.getvalue())
+    w, fid_, is_ = ([r[k] for r in rows] for k in ("guidance", "fid", "inception_score"))
+    image_io.save_plots([image_io.Panel(w, fid_, "guidance scale w", "FID", marker="o"),
+                         image_io.Panel(w, is_, "guidance scale w", "Inception score", marker="o"),
+                         image_io.Panel(is_, fid_, "Inception score", "FID", marker="o")],
+                        f"classifier-free guidance: FID and IS of {rows[0]['num_samples']} samples at each w",
+                        out / "guidance_sweep.png")
