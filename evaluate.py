@@ -181,10 +181,9 @@ def guidance_scales() -> list[float]:
 
 def guidance_sweep_mode(jax):
     import numpy as np
-    from jax.experimental import multihost_utils
     from jax.sharding import Mesh
 
-    from diffusion_jax import builders, progress, sample_lib, storage
+    from diffusion_jax import builders, progress, sample_lib
     from diffusion_jax.evaluation import report
 
     scales = guidance_scales()
@@ -204,16 +203,10 @@ def guidance_sweep_mode(jax):
         config.sample.guidance = w
         directory = out / f"w_{w:g}"
         generate = sample_lib.Generator(config, model, sched, mesh)
-        images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed),
-                                             directory / "shards", FLAGS.num_samples, FLAGS.batch_size,
-                                             progress=progress.Progress(f"samples at w = {w:g}"))
-        if jax.process_index() == 0:
-            storage.save_npz(directory / "samples.npz", images,
-                             labels=generate.labels(np.arange(FLAGS.num_samples)))
-        multihost_utils.sync_global_devices(f"samples of w = {w:g} written")
-        if images is None:  # the other processes read what process 0 assembled
-            images = storage.load_npz(directory / "samples.npz")["arr_0"]
-        values = scorer.fid_and_is(images)
+        images = sample_lib.sample_to_file(generate, params, jax.random.PRNGKey(FLAGS.seed), directory,
+                                           FLAGS.num_samples, FLAGS.batch_size,
+                                           progress=progress.Progress(f"samples at w = {w:g}"))
+        values = scorer.fid_and_is(sample_lib.on_every_process(images, directory))
         report.print_fid(values, prefix=f"w = {w:g}: ")
         rows.append(dict(guidance=w, **values))
         sampler = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "order", "clip_x0",

@@ -195,10 +195,9 @@ def samples(jax, loaded, out):
     model) and a grid of the first 64 (of --class_label=all: a row per class) from process 0; FID and
     IS with --fid."""
     import numpy as np
-    from jax.experimental import multihost_utils
     from jax.sharding import Mesh
 
-    from diffusion_jax import builders, image_io, progress, sample_lib, storage
+    from diffusion_jax import builders, image_io, progress, sample_lib
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
@@ -218,15 +217,10 @@ def samples(jax, loaded, out):
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh,
                                     labels=class_labels(config))
-    images = sample_lib.sample_to_shards(generate, params, jax.random.PRNGKey(FLAGS.seed), out / "shards",
-                                         FLAGS.num_samples, FLAGS.batch_size,
-                                         progress=progress.Progress("samples"))
+    images = sample_lib.sample_to_file(generate, params, jax.random.PRNGKey(FLAGS.seed), out,
+                                       FLAGS.num_samples, FLAGS.batch_size,
+                                       progress=progress.Progress("samples"))
     if jax.process_index() == 0:
-        if config.model.num_classes:
-            labels = generate.labels(np.arange(FLAGS.num_samples))
-            storage.save_npz(out / "samples.npz", images, labels=labels)
-        else:
-            storage.save_npz(out / "samples.npz", images)
         if FLAGS.class_label == "all":  # one row per class: its first samples
             per_class = FLAGS.num_samples // config.model.num_classes
             columns = min(per_class, 10)
@@ -236,10 +230,7 @@ def samples(jax, loaded, out):
             image_io.save_grid(images[:64], out / "samples.png", scale=2)
         progress.console(f"wrote {len(images)} samples to {out / 'samples.npz'} and samples.png")
     if evaluator is not None:
-        multihost_utils.sync_global_devices("samples.npz written")
-        if images is None:  # the other processes read what process 0 assembled
-            images = storage.load_npz(out / "samples.npz")["arr_0"]
-        values = evaluator.fid_and_is(images)
+        values = evaluator.fid_and_is(sample_lib.on_every_process(images, out))
         report.print_fid(values)
         report.write_json(out / "metrics.json", values)
 

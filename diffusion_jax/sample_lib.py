@@ -185,3 +185,22 @@ def sample_to_shards(generate: Generator, params, rng, directory: epath.Path, nu
                 assembled = np.empty((total * batch_size,) + piece["images"].shape[1:], np.uint8)
             assembled[index * batch_size + piece["rows"]] = piece["images"]
     return assembled[:num]
+
+
+def sample_to_file(generate: Generator, params, rng, directory: epath.Path, num: int, batch_size: int,
+                   progress=None) -> np.ndarray | None:
+    """:func:`sample_to_shards` under ``directory/shards``, then ``directory/samples.npz`` from process 0
+    (``arr_0``: the uint8 NHWC images; ``labels``: their classes, for a class-conditional model).
+    Returns the images on process 0 and None on the others (:func:`on_every_process` for all)."""
+    images = sample_to_shards(generate, params, rng, directory / "shards", num, batch_size, progress)
+    if images is not None:
+        labels = {} if generate.labels is None else {"labels": generate.labels(np.arange(num))}
+        storage.save_npz(directory / "samples.npz", images, **labels)
+    return images
+
+
+def on_every_process(images: np.ndarray | None, directory: epath.Path) -> np.ndarray:
+    """The images of :func:`sample_to_file` on every process: the others read ``samples.npz`` after a
+    barrier (``directory`` is shared)."""
+    multihost_utils.sync_global_devices(f"{directory}/samples.npz written")
+    return images if images is not None else storage.load_npz(directory / "samples.npz")["arr_0"]
