@@ -62,7 +62,11 @@ def test_a_stale_lock_of_another_host_is_taken_over_only_when_asked(tmp_path, ca
 
 
 def snapshot(directory):
-    return {path: open(path, "rb").read() for path in scripts.local_files(directory)}
+    """The finished checkpoints' files under ``directory``, by relative path; the files of a save in
+    progress (Orbax's ``*.orbax-checkpoint-tmp*`` directories) come and go, so are left out."""
+    return {os.path.relpath(path, directory): open(path, "rb").read()
+            for path in scripts.local_files(directory)
+            if ".orbax-checkpoint-tmp" not in os.path.relpath(path, directory)}
 
 
 def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(tmp_path):
@@ -78,15 +82,20 @@ def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(t
         for line in first.stdout:
             if line.startswith("step 4/"):
                 break
-        time.sleep(1)
-        saved = {p: b for p, b in snapshot(workdir / "checkpoints").items() if "tmp" not in p}
+        saved = {}
+        for _ in range(120):  # until a save has finished
+            time.sleep(1)
+            saved = snapshot(workdir / "checkpoints")
+            if saved:
+                break
+        assert saved, "the first run finished no checkpoint in 2 minutes"
         second = scripts.run("train.py", *args, "--config.optim.lr=5e-4", expect=4)
         lines = second.stderr.strip().splitlines()
         assert (len(lines) == 1
                 and lines[0].startswith(f"error: {workdir} is in use by run ")), second.stderr[-2000:]
         assert "wait for it to end, or use another --workdir" in lines[0]
         now = snapshot(workdir / "checkpoints")
-        assert all(now[p] == b for p, b in saved.items())
+        assert all(now.get(p) == b for p, b in saved.items())
     finally:
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=120)
