@@ -39,7 +39,6 @@ import collections
 import concurrent.futures
 import contextlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -64,7 +63,7 @@ class Example(NamedTuple):
     error: str = ""
 
 
-class Source(NamedTuple):
+class Reading(NamedTuple):
     """What a reader of :data:`SOURCES` returns: the class names (empty without classes), how many
     examples it will yield (for the progress line), and the examples in a deterministic order."""
 
@@ -91,7 +90,7 @@ def in_order(function: Callable, items: Iterable, threads: int) -> Generator:
 
 
 def _folder_examples(value: str, *, split: str, image_size: int, channels: int, threads: int,
-                     data_dir=None) -> Source:
+                     data_dir=None) -> Reading:
     """``folder:PATH``: the images of a folder (``image_files.list_folder``), in sorted order; ``split``
     is only the output's name."""
     del split, data_dir
@@ -104,11 +103,11 @@ def _folder_examples(value: str, *, split: str, image_size: int, channels: int, 
         except image_files.UnreadableImageError as e:
             return Example(None, label, path, e.reason)
 
-    return Source(folder.classes, len(folder.paths), in_order(read, range(len(folder.paths)), threads))
+    return Reading(folder.classes, len(folder.paths), in_order(read, range(len(folder.paths)), threads))
 
 
 def _tfds_examples(value: str, *, split: str, image_size: int, channels: int, threads: int,
-                   data_dir=None) -> Source:
+                   data_dir=None) -> Reading:
     """``tfds:NAME[/CONFIG][:SPLIT]``: a prepared tfds dataset's image feature (and class label), in its
     order, cropped and resized as training reads it (``input_pipeline.tfds_examples``); ``:SPLIT``
     (default: ``split``) is the split read."""
@@ -120,19 +119,19 @@ def _tfds_examples(value: str, *, split: str, image_size: int, channels: int, th
 
     def examples():
         index = 0
-        for images, labels in input_pipeline.tfds_examples(source.value, tfds_split, data_dir, image_size,
+        for images, labels in input_pipeline.tfds_examples(builder, source.value, tfds_split, image_size,
                                                            channels):
             for image, label in zip(images, labels, strict=True):
                 yield Example(image, int(label), f"{source.value}:{tfds_split}[{index}]")
                 index += 1
 
-    return Source(input_pipeline.tfds_classes(builder), builder.info.splits[tfds_split].num_examples,
-                  examples())
+    return Reading(input_pipeline.tfds_classes(builder), builder.info.splits[tfds_split].num_examples,
+                   examples())
 
 
-# KIND -> reader(VALUE, *, split, image_size, channels, threads, data_dir) -> Source. New kinds of
+# KIND -> reader(VALUE, *, split, image_size, channels, threads, data_dir) -> Reading. New kinds of
 # --source go here.
-SOURCES: dict[str, Callable[..., Source]] = {
+SOURCES: dict[str, Callable[..., Reading]] = {
     "folder": _folder_examples,
     "tfds": _tfds_examples,
 }
@@ -157,8 +156,7 @@ def _remote(directory) -> bool:
 
 def _leftovers(directory, split: str) -> list:
     """The shards of an unfinished run on ``split`` (finished or temporary names): there is no JSON."""
-    pattern = re.compile(re.escape(split) + r"\.array_record-\d{5}(-of-\d{5}|\.tmp-\d+)")
-    return sorted(p for p in directory.glob(f"{split}.array_record-*") if pattern.fullmatch(p.name))
+    return sorted(p for p in directory.glob(f"{split}.*") if records.is_shard(split, p.name))
 
 
 class ShardWriter:
@@ -183,7 +181,7 @@ class ShardWriter:
         from array_record.python import array_record_module
 
         index = len(self.written)
-        self._temporary = self.directory / f"{self.split}.array_record-{index:05d}.tmp-{os.getpid()}"
+        self._temporary = self.directory / f"{records.shard_stem(self.split, index)}.tmp-{os.getpid()}"
         if _remote(self.directory):
             handle, self._local = tempfile.mkstemp(suffix=".array_record", prefix="prepare_data-")
             os.close(handle)

@@ -10,6 +10,7 @@ one per group (``group_size:1``), as grain's random access needs.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -22,8 +23,25 @@ WRITER_OPTIONS = "group_size:1"
 _LABEL = struct.Struct("<i")
 
 
+def _shard_prefix(split: str) -> str:
+    return f"{split}.array_record-"
+
+
+def shard_stem(split: str, index: int) -> str:
+    """The name of shard ``index`` of ``split`` without its count: a temporary name's start."""
+    return f"{_shard_prefix(split)}{index:05d}"
+
+
 def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}.array_record-{index:05d}-of-{count:05d}"
+    return f"{shard_stem(split, index)}-of-{count:05d}"
+
+
+def is_shard(split: str, name: str) -> bool:
+    """Whether ``name`` is a shard of ``split``: finished (:func:`shard_name`) or temporary
+    (:func:`shard_stem` and ``.tmp-PID``)."""
+    prefix = _shard_prefix(split)
+    tail = name[len(prefix):] if name.startswith(prefix) else ""
+    return re.fullmatch(r"\d{5}(-of-\d{5}|\.tmp-\d+)", tail) is not None
 
 
 def metadata_path(directory: str, split: str):
