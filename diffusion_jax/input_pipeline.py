@@ -156,15 +156,15 @@ def tfds_classes(builder) -> tuple[str, ...]:
     return tuple(builder.info.features[label].names) if label else ()
 
 
-def tfds_examples(tfds_name: str, split: str, data_dir, image_size: int, channels: int,
+def tfds_examples(builder, tfds_name: str, split: str, image_size: int, channels: int,
                   process_index: int = 0, process_count: int = 1):
-    """Batches of (uint8 images [n, S, S, C], int32 labels [n]) of this process's share of a tfds split,
-    center-cropped and resized as the DDPM code's datasets (``image_files.center_crop_resize``'s rule)."""
+    """Batches of (uint8 images [n, S, S, C], int32 labels [n]) of this process's share of a split of
+    ``builder`` (:func:`tfds_builder` of ``tfds_name``), center-cropped and resized as the DDPM code's
+    datasets (``image_files.center_crop_resize``'s rule)."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     tf.config.set_visible_devices([], "GPU")
-    builder = tfds_builder(tfds_name, data_dir, prepared=False)  # as_dataset says when it is not
     check_split(builder, tfds_name, split)
     image_key, label_key = tfds_features(builder)
     shard = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
@@ -236,7 +236,10 @@ def classes(name: str, split: str, *, data_dir=None) -> tuple[str, ...]:
 
 def check_classes(name: str, split: str, num_classes: int, *, data_dir=None) -> None:
     """A class-conditional network of ``num_classes`` (> 0) trains on a source with as many classes."""
-    found = classes(name, split, data_dir=data_dir)
+    _check_class_count(classes(name, split, data_dir=data_dir), name, num_classes)
+
+
+def _check_class_count(found: tuple[str, ...], name: str, num_classes: int) -> None:
     if not found:
         raise ConfigError(f"model.num_classes = {num_classes} asks for a class-conditional network, but "
                           f"{name!r} has no classes (a folder: one subfolder per class): set "
@@ -268,10 +271,9 @@ def load_examples(name: str, split: str, *, image_size: int, channels: int | Non
         share = _share(len(images), process_index, process_count)
         return Examples(images[share], labels[share])
     if source.kind == "tfds":
-        if channels is None:
-            builder = tfds_builder(source.value, data_dir, prepared=False)
-            channels = builder.info.features[tfds_features(builder)[0]].shape[-1]
-        parts = list(tfds_examples(source.value, _split(source, split), data_dir, image_size, channels,
+        builder = tfds_builder(source.value, data_dir, prepared=False)  # as_dataset says when it is not
+        channels = channels or builder.info.features[tfds_features(builder)[0]].shape[-1]
+        parts = list(tfds_examples(builder, source.value, _split(source, split), image_size, channels,
                                    process_index, process_count))
         if not parts:
             return Examples(np.zeros((0, image_size, image_size, channels), np.uint8), np.zeros(0, np.int32))
@@ -343,8 +345,8 @@ class Streamed:
     by (seed, element index), batches of consecutive elements; element s is the batch of step s.
     """
 
-    def __init__(self, items, read, process_index: int):
-        self._items, self._read, self.process_index = items, read, process_index
+    def __init__(self, items, read, process_index: int, classes: tuple[str, ...]):
+        self._items, self._read, self.process_index, self.classes = items, read, process_index, classes
 
     def __len__(self) -> int:
         return len(self._items)
@@ -400,7 +402,7 @@ def open_streamed(name: str, split: str, *, image_size: int, channels: int, proc
             path, label = item
             return image_files.read_image(path, image_size, channels), label
 
-        return Streamed(items, read, process_index)
+        return Streamed(items, read, process_index, folder.classes)
     if source.kind != "prepared":
         raise ConfigError(f"{name!r} is read into memory, not streamed")
     metadata = records.read_metadata(source.value, split)
@@ -415,24 +417,32 @@ def open_streamed(name: str, split: str, *, image_size: int, channels: int, proc
     def read_record(index):
         return records.decode_example(data[index], image_size, channels)
 
-    return Streamed(range(share.start, share.stop), read_record, process_index)
+    return Streamed(range(share.start, share.stop), read_record, process_index, tuple(metadata["classes"]))
 
 
 def check(name: str, split: str, *, image_size: int, channels: int, batch_size: int, data_dir=None,
-          process_index: int = 0, process_count: int = 1, num_classes: int = 0) -> None:
+          process_index: int = 0, process_count: int = 1, num_classes: int = 0) -> Streamed | None:
     """What a run can check of its data before it writes anything: the source exists and holds images
     (a folder's listing, a prepared source's metadata and image shape, a tfds dataset's metadata),
-    this process's share fills a batch of ``batch_size``, and it has ``num_classes`` classes if that is
-    not 0 (:func:`check_classes`)."""
-    if num_classes:
-        check_classes(name, split, num_classes, data_dir=data_dir)
+    it has ``num_classes`` classes if that is not 0 (:func:`check_classes`), and this process's share
+    fills a batch of ``batch_size``.
+
+    Returns the share of a streamed source (folder, prepared), opened by the check, to train on
+    without listing a folder again; None for the sources :func:`open_share` reads into memory.
+    """
+    streamed = None
     if parse(name).kind in STREAMED_KINDS:
-        count = len(open_streamed(name, split, image_size=image_size, channels=channels,
-                                  process_index=process_index, process_count=process_count))
+        streamed = open_streamed(name, split, image_size=image_size, channels=channels,
+                                 process_index=process_index, process_count=process_count)
+        found, count = streamed.classes, len(streamed)
     else:
+        found = classes(name, split, data_dir=data_dir) if num_classes else ()
         count = num_examples(name, split, data_dir=data_dir, process_index=process_index,
                              process_count=process_count)
+    if num_classes:
+        _check_class_count(found, name, num_classes)
     check_batch_size(count, batch_size)
+    return streamed
 
 
 def open_share(name: str, split: str, *, image_size: int, channels: int, data_dir=None,

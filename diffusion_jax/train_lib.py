@@ -312,8 +312,9 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     process, processes = jax.process_index(), jax.process_count()
     share = dict(image_size=d.image_size, channels=d.channels, data_dir=d.data_dir, process_index=process,
                  process_count=processes)
-    input_pipeline.check(d.name, d.train_split, batch_size=t.batch_size // processes,
-                         num_classes=config.model.num_classes, **share)  # before anything is written
+    # before anything is written; a folder is listed once, here
+    streamed = input_pipeline.check(d.name, d.train_split, batch_size=t.batch_size // processes,
+                                    num_classes=config.model.num_classes, **share)
     storage.check_writable(workdir, what="workdir")
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
@@ -328,7 +329,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                         console("going on with changed settings: " + ", ".join(changed))
         if lock is not None:
             _record_start(workdir, config, lock)
-        data = input_pipeline.open_share(d.name, d.train_split, **share)
+        data = streamed if streamed is not None else input_pipeline.open_share(d.name, d.train_split, **share)
         heldout = None
         if config.eval.num_samples or config.eval.nll_images:
             heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,

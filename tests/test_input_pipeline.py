@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffusion_jax import errors, input_pipeline
+from diffusion_jax import errors, image_files, input_pipeline
 
 
 def test_cifar10_through_tfds():
@@ -128,6 +128,21 @@ def test_a_folder_streams_labels_with_their_images_and_resumes_where_it_was(tmp_
         np.testing.assert_array_equal(batch["label"], first[step]["label"])
         np.testing.assert_array_equal(share.batch(step, **kwargs)["image"], first[step]["image"])
     resumed.close()
+
+
+def test_the_check_of_a_folder_lists_it_once_and_hands_over_the_share_it_opened(tmp_path, monkeypatch):
+    write_folder(tmp_path, count=12)
+    listings = []
+    list_folder = image_files.list_folder
+    monkeypatch.setattr(image_files, "list_folder", lambda path: listings.append(path) or list_folder(path))
+    check = dict(image_size=8, channels=3, batch_size=6)
+    share = input_pipeline.check(f"folder:{tmp_path}", "train", num_classes=3, **check)
+    assert len(listings) == 1 and len(share) == 12 and share.classes == ("ants", "bees", "wasps")
+    with pytest.raises(errors.ConfigError, match="has 3 classes .*set model.num_classes = 3"):
+        input_pipeline.check(f"folder:{tmp_path}", "train", num_classes=2, **check)
+    with pytest.raises(errors.ConfigError, match="a batch of 6 images a process is more than the 4"):
+        input_pipeline.check(f"folder:{tmp_path}", "train", process_index=2, process_count=3, **check)
+    assert input_pipeline.check("digits", "train", image_size=16, channels=1, batch_size=8) is None
 
 
 def test_two_processes_read_disjoint_halves_of_a_folder(tmp_path):
