@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -64,9 +65,9 @@ def test_a_stale_lock_of_another_host_is_taken_over_only_when_asked(tmp_path, ca
 def snapshot(directory):
     """The finished checkpoints' files under ``directory``, by relative path; the files of a save in
     progress (Orbax's ``*.orbax-checkpoint-tmp*`` directories) come and go, so are left out."""
-    return {os.path.relpath(path, directory): open(path, "rb").read()
-            for path in scripts.local_files(directory)
-            if ".orbax-checkpoint-tmp" not in os.path.relpath(path, directory)}
+    files = {os.path.relpath(path, directory): path for path in scripts.local_files(directory)}
+    return {name: pathlib.Path(path).read_bytes() for name, path in files.items()
+            if ".orbax-checkpoint-tmp" not in name}
 
 
 def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(tmp_path):
