@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from diffusion_jax import errors, storage, xla_flags
+from diffusion_jax import errors, host_tensorflow, storage, xla_flags
 from diffusion_jax.errors import CheckpointError, ConfigError
 from diffusion_jax.models.unet import PRESETS, UNet
 
@@ -173,9 +173,7 @@ def _tf_path(name: str):
 
 def load_tf_checkpoint(prefix: str, *, ema: bool = True):
     """Flat params from an original DDPM TF checkpoint: its EMA copies, or the raw variables."""
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
+    tf = host_tensorflow.tensorflow()
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:

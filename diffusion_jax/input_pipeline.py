@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffusion_jax import errors, image_files, image_io, records
+from diffusion_jax import errors, host_tensorflow, image_files, image_io, records
 from diffusion_jax.errors import ConfigError, DataError
 
 # short name -> tfds name; "digits" is the embedded offline default
@@ -122,8 +122,7 @@ def tfds_builder(tfds_name: str, data_dir=None, *, prepared: bool = True):
     """The tfds builder of ``tfds_name`` (NAME or NAME/CONFIG), with a DataError for an unknown name and,
     if ``prepared``, a DatasetNotPreparedError when its metadata is not on disk (nothing is ever
     downloaded here)."""
-    import tensorflow_datasets as tfds
-
+    tfds = host_tensorflow.tfds()
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
@@ -135,8 +134,7 @@ def tfds_builder(tfds_name: str, data_dir=None, *, prepared: bool = True):
 
 def tfds_features(builder) -> tuple[str, str | None]:
     """The keys of ``builder``'s image feature and of its class label (None without one)."""
-    import tensorflow_datasets as tfds
-
+    tfds = host_tensorflow.tfds()
     features = builder.info.features
     supervised = builder.info.supervised_keys
     images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
@@ -161,10 +159,7 @@ def tfds_examples(builder, tfds_name: str, split: str, image_size: int, channels
     """Batches of (uint8 images [n, S, S, C], int32 labels [n]) of this process's share of a split of
     ``builder`` (:func:`tfds_builder` of ``tfds_name``), center-cropped and resized as the DDPM code's
     datasets (``image_files.center_crop_resize``'s rule)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    tf.config.set_visible_devices([], "GPU")
+    tf, tfds = host_tensorflow.tensorflow(), host_tensorflow.tfds()
     check_split(builder, tfds_name, split)
     image_key, label_key = tfds_features(builder)
     shard = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]

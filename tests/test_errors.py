@@ -4,6 +4,7 @@
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import scripts
 import torch
 
-from diffusion_jax import checkpoints, convert, errors, launch, storage, train_lib
+from diffusion_jax import checkpoints, convert, errors, host_tensorflow, launch, storage, train_lib
 from diffusion_jax.evaluation import inception
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
@@ -101,21 +102,54 @@ def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
         convert.load_tf_checkpoint(str(tmp_path / "model.ckpt-790000"))
 
 
-def test_a_data_error_in_an_entry_point_is_one_line_with_status_6(tmp_path):
+# One bad input per entry point, each a one-line error whatever the CPU. TensorFlow prints log lines
+# while it loads (host_tensorflow) on CPUs where its oneDNN operations are on by default (AVX-512
+# VNNI/BF16, AMX) and not on others; TF_ENABLE_ONEDNN_OPTS=1 makes it print them on any CPU.
+ENTRY_POINT_ERRORS = {
+    "train": (["train.py", f"--config={TINY}", "--workdir={tmp}/run",
+               "--config.data.name=tfds:no_such_dataset"], 6, "error: tfds has no dataset 'no_such_dataset'"),
+    "sample": (["sample.py", "--workdir={tmp}/none", "--out={tmp}/out"],
+               5, "error: {tmp}/none holds no checkpoints"),
+    "evaluate": (["evaluate.py", "--mode=fid", "--samples={tmp}/samples.npz"],
+                 6, "error: {tmp}/samples.npz is not an .npz file of arrays"),
+    "convert": (["-m", "diffusion_jax.convert", "--tf-checkpoint={tmp}/none", "--out={tmp}/out"],
+                5, "error: {tmp}/none is not a TF checkpoint prefix"),
+    "prepare_data": (["-m", "diffusion_jax.prepare_data", "--source=tfds:no_such_dataset", "--out={tmp}/out",
+                      "--image_size=8"], 6, "error: tfds has no dataset 'no_such_dataset'"),
+    "inception": (["-m", "diffusion_jax.evaluation.inception", "--convert={tmp}/none.pth", "--out={tmp}/out"],
+                  6, "error: {tmp}/none.pth: no such file"),
+}
+
+
+@pytest.mark.parametrize("onednn", ["as TensorFlow chooses", "1"])
+@pytest.mark.parametrize("entry_point", ENTRY_POINT_ERRORS)
+def test_an_entry_points_error_is_one_line_on_any_cpu(tmp_path, entry_point, onednn):
+    args, status, start = ENTRY_POINT_ERRORS[entry_point]
     (tmp_path / "samples.npz").write_text("not arrays\n")
-    result = subprocess.run(scripts.command("evaluate.py", "--mode=fid",
-                                            f"--samples={tmp_path / 'samples.npz'}"),
-                            env=scripts.environment(1), capture_output=True, text=True, timeout=300)
-    assert one_line_error(result, 6).startswith(f"error: {tmp_path / 'samples.npz'} is not an .npz file of "
-                                                "arrays")
+    env = scripts.environment(1)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if onednn == "1":
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    args = [a.format(tmp=tmp_path) for a in args]
+    command = [sys.executable, *args] if args[0] == "-m" else scripts.command(*args)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=scripts.ROOT)
+    assert one_line_error(result, status).startswith(start.format(tmp=tmp_path))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
-def test_a_converter_error_is_one_line_with_its_status(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert",
-                             f"--tf-checkpoint={tmp_path / 'none'}", f"--out={tmp_path / 'out'}"],
-                            env=scripts.environment(1), capture_output=True, text=True, timeout=300)
-    assert one_line_error(result, 5).startswith(f"error: {tmp_path / 'none'} is not a TF checkpoint prefix")
-    assert not (tmp_path / "out").exists()
+def test_tensorflows_start_up_lines_go_to_the_debug_log_and_back_to_stderr_on_failure(capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    with host_tensorflow.stderr_to_log("loading"):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to "
+                    b"STDERR\nI0000 port.cc:153] oneDNN custom operations are on\n")
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        "loading: WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "loading: I0000 port.cc:153] oneDNN custom operations are on"]
+    with pytest.raises(ImportError), host_tensorflow.stderr_to_log("loading"):
+        os.write(2, b"why the import failed\n")
+        raise ImportError("no module")
+    assert capfd.readouterr().err == "why the import failed\n"
 
 
 def test_only_the_projects_errors_are_shortened():
