@@ -64,7 +64,8 @@ flags.DEFINE_float("guidance", None, "override config.sample.guidance, the class
 flags.DEFINE_integer("num_samples", 64, "images (mode samples) or rows (other modes)", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices; a shard of mode samples",
                      lower_bound=1)
-flags.DEFINE_integer("seed", 0, "random seed; batch i uses fold_in(seed, i)")
+flags.DEFINE_integer("seed", 0, "random seed; batch i uses fold_in(seed, i), so the samples of a seed "
+                     "depend on --batch_size too")
 flags.DEFINE_integer("num_interp", 11, "interpolation points per row (interpolation modes)", lower_bound=2)
 flags.DEFINE_integer("t", None, "timestep to diffuse to (mode interpolate_diffused; default T / 2, 500 in "
                      "DDPM Fig. 8)", lower_bound=0)

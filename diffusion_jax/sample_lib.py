@@ -64,11 +64,14 @@ def cycle_labels(num_classes: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def in_order_labels(num_classes: int, total: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Sample j of ``total`` as class floor(j K / total): the classes in order, equally many of each."""
+    """Sample j of ``total`` as class floor(j K / total): the classes in order, equally many of each.
+
+    Past ``total`` the order starts again (j mod total): a last batch that is only partly wanted,
+    when the batch size does not divide ``total``, samples its unused rows as valid classes."""
     if total % num_classes:
         raise ConfigError(f"{total} samples do not divide into equal numbers of the {num_classes} classes: "
                           f"sample a multiple of {num_classes}")
-    return lambda j: (j * num_classes // total).astype(np.int32)
+    return lambda j: (j % total * num_classes // total).astype(np.int32)
 
 
 def check_label(label: int, num_classes: int) -> None:

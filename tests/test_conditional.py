@@ -103,6 +103,9 @@ def test_dpm_solver_with_dynamic_thresholding_keeps_each_x0_prediction_in_range(
 
 def test_sampled_labels_are_checked_and_ordered():
     np.testing.assert_array_equal(sample_lib.in_order_labels(3, 6)(np.arange(6)), [0, 0, 1, 1, 2, 2])
+    # a last batch past the total (20 samples in batches of 16) samples classes of the model
+    np.testing.assert_array_equal(sample_lib.in_order_labels(10, 20)(np.arange(16, 32)),
+                                  [8, 8, 9, 9, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
     np.testing.assert_array_equal(sample_lib.cycle_labels(3)(np.arange(5)), [0, 1, 2, 0, 1])
     with pytest.raises(ConfigError, match="7 samples do not divide into equal numbers of the 3 classes"):
         sample_lib.in_order_labels(3, 7)
@@ -195,9 +198,10 @@ def test_a_conditional_run_trains_and_draws_a_class_per_column(conditional_workd
 
 
 def test_sample_py_draws_the_classes_asked_for(conditional_workdir, tmp_path):
-    common = [f"--workdir={conditional_workdir}", "--steps=5", "--batch_size=10"]
+    common = [f"--workdir={conditional_workdir}", "--steps=5"]
+    # 30 samples in batches of 16: the last batch's two unused rows still take classes of the model
     scripts.run("sample.py", *common, f"--out={tmp_path / 'all'}", "--class_label=all", "--guidance=1",
-                "--num_samples=30")
+                "--num_samples=30", "--batch_size=16")
     with np.load(tmp_path / "all" / "samples.npz") as f:
         assert f["arr_0"].shape == (30, 16, 16, 1)
         np.testing.assert_array_equal(f["labels"], np.repeat(np.arange(10), 3))
@@ -205,7 +209,8 @@ def test_sample_py_draws_the_classes_asked_for(conditional_workdir, tmp_path):
     assert grid.shape[:2] == (2 * (10 * 17 + 1), 2 * (3 * 17 + 1))  # a row per class
     settings = json.loads((tmp_path / "all" / "sampling.json").read_text())
     assert settings["class_label"] == "all" and settings["guidance"] == 1.0
-    scripts.run("sample.py", *common, f"--out={tmp_path / 'seven'}", "--class_label=7", "--num_samples=10")
+    scripts.run("sample.py", *common, f"--out={tmp_path / 'seven'}", "--class_label=7", "--num_samples=10",
+                "--batch_size=10")
     with np.load(tmp_path / "seven" / "samples.npz") as f:
         np.testing.assert_array_equal(f["labels"], np.full(10, 7))
 
@@ -283,11 +288,12 @@ def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, 
     workdir = tmp_path / "run"
     scripts.run("train.py", f"--config={scripts.ROOT}/configs/quickstart_cond.py", f"--workdir={workdir}",
                 "--config.sample.every=0", "--config.eval.num_samples=0", timeout=1200)
-    fractions = {}
-    for name, args in (("w=1", ["--guidance=1"]), ("w=0", ["--guidance=0"])):
-        scripts.run("sample.py", f"--workdir={workdir}", f"--out={tmp_path / name}", "--class_label=all",
-                    "--num_samples=1000", "--batch_size=500", *args)
-        fractions[name] = recognised(classifier, tmp_path / name)
+    # w = 1: the README's command as written (its default --batch_size, 64, does not divide 1000)
+    scripts.run("sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'w=1'}", "--class_label=all",
+                "--guidance=1", "--num_samples=1000")
+    scripts.run("sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'w=0'}", "--class_label=all",
+                "--num_samples=1000", "--batch_size=500", "--guidance=0")
+    fractions = {name: recognised(classifier, tmp_path / name) for name in ("w=1", "w=0")}
     # the untrained network: a one-step run, whose only step has learning rate 0 (warmup from 0)
     scripts.run("train.py", f"--config={scripts.ROOT}/configs/quickstart_cond.py",
                 f"--workdir={tmp_path / 'untrained'}", "--config.train.num_steps=1",
