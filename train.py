@@ -19,6 +19,10 @@ flags.DEFINE_bool("take_over_lock", False, "take over the workdir's lock of a ru
                   "never taken")
 flags.DEFINE_bool("allow_config_change", False, "resume a checkpoint trained with other settings (the run "
                   "lists them); the network must stay the same")
+flags.DEFINE_bool("dry_run", False, "check the run and exit: join the processes, print each one's devices, "
+                  "the resolved config (every key), the data with its size and classes, the workdir's state "
+                  "(writable and shared by every process; its checkpoints) and the parameter count; nothing "
+                  "is trained or saved")
 launch.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -33,6 +37,8 @@ def main(argv):
     from diffusion_jax import train_lib
 
     with launch.one_line_errors():
+        if FLAGS.dry_run:
+            return train_lib.dry_run(launch.config(FLAGS), FLAGS.workdir)
         train_lib.train_and_evaluate(launch.config(FLAGS), FLAGS.workdir, take_over_lock=FLAGS.take_over_lock,
                                      allow_config_change=FLAGS.allow_config_change)
 

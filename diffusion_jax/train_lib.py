@@ -303,19 +303,67 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
         return _train_and_evaluate(config, workdir, signals, take_over_lock, allow_config_change)
 
 
-def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_over_lock: bool,
-                        allow_config_change: bool) -> TrainState:
+def _share(config) -> dict:
+    """The arguments of ``input_pipeline``'s functions that select this process's share of the data."""
+    d = config.data
+    return dict(image_size=d.image_size, channels=d.channels, data_dir=d.data_dir,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _check_before_writing(config, workdir: str) -> tuple[epath.Path, input_pipeline.Streamed | None]:
+    """The checks of a run before it writes anything: the config against the devices and processes,
+    the workdir reachable and writable, the training data (``input_pipeline.check``). Returns the
+    workdir as a path and the streamed share the check opened (None for data read into memory)."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
     workdir = storage.checkpoint_path(workdir)
     storage.check_reachable(workdir, what="workdir")
+    streamed = input_pipeline.check(config.data.name, config.data.train_split,
+                                    batch_size=config.train.batch_size // jax.process_count(),
+                                    num_classes=config.model.num_classes, **_share(config))
+    storage.check_writable(workdir, what="workdir")
+    return workdir, streamed
+
+
+def dry_run(config, workdir: str) -> None:
+    """``train.py --dry_run``: the run's checks, and what it would train on, without training.
+
+    Every check of a run before its first step (:func:`_check_before_writing`, and the workdir
+    shared by every process), then, from process 0: the config, key by key; the data source with
+    its size and classes; what the workdir holds; the network's parameter count. Nothing is
+    written but the checks' probe files, which are removed; no lock is taken, so a run may be
+    training in the workdir meanwhile."""
+    workdir, _ = _check_before_writing(config, workdir)
+    storage.check_shared(workdir)
+    d, t = config.data, config.train
+    console("config:")
+    for key, value in config_lib.flatten(config).items():
+        console(f"  {key} = {value!r}")
+    count = input_pipeline.num_examples(d.name, d.train_split, data_dir=d.data_dir)
+    names = input_pipeline.classes(d.name, d.train_split, data_dir=d.data_dir)
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    console(f"data: {d.name} split {d.train_split}: {count} images"
+            + (f", {len(names)} classes ({shown})" if names else ", no classes")
+            + f"; each of the {jax.process_count()} process(es) reads a share, "
+            f"{t.batch_size // jax.process_count()} images a step")
+    steps = []
+    if (workdir / "checkpoints").is_dir():
+        with checkpoints.checkpoint_manager(workdir, config, create=False) as manager:
+            steps = manager.all_steps()
+    held = (f"checkpoints of steps {', '.join(map(str, sorted(steps)))}: the run resumes from the newest "
+            "readable one" if steps else "no checkpoint: the run starts at step 1")
+    console(f"workdir: {workdir}, writable and seen by all {jax.process_count()} process(es); {held}")
+    params = builders.abstract_state(config, None).params
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    console(f"network: {count:,} parameters; {t.num_steps} steps of {t.batch_size} images over "
+            f"{jax.device_count()} device(s)")
+    console("dry run complete: nothing was trained or saved")
+
+
+def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_over_lock: bool,
+                        allow_config_change: bool) -> TrainState:
+    workdir, streamed = _check_before_writing(config, workdir)  # a folder is listed once, here
     d, t = config.data, config.train
     process, processes = jax.process_index(), jax.process_count()
-    share = dict(image_size=d.image_size, channels=d.channels, data_dir=d.data_dir, process_index=process,
-                 process_count=processes)
-    # before anything is written; a folder is listed once, here
-    streamed = input_pipeline.check(d.name, d.train_split, batch_size=t.batch_size // processes,
-                                    num_classes=config.model.num_classes, **share)
-    storage.check_writable(workdir, what="workdir")
     lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
     try:
         if (workdir / "checkpoints").is_dir():
@@ -329,7 +377,8 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                         console("going on with changed settings: " + ", ".join(changed))
         if lock is not None:
             _record_start(workdir, config, lock)
-        data = streamed if streamed is not None else input_pipeline.open_share(d.name, d.train_split, **share)
+        data = streamed if streamed is not None else input_pipeline.open_share(d.name, d.train_split,
+                                                                                 **_share(config))
         heldout = None
         if config.eval.num_samples or config.eval.nll_images:
             heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,

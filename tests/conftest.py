@@ -13,6 +13,7 @@ from diffusion_jax import xla_flags
 xla_flags.set_defaults()  # the entry points' XLA flags for the tests in this process, before JAX starts
 
 QUICKSTART_STEPS = 300
+pytest_plugins = ["gcs_emulator"]  # the bucket fixture: a gs:// bucket on this machine
 
 # make test runs two pytest-xdist workers (--dist loadgroup); the tests of each expensive shared
 # fixture go to one worker, so that it is built once. sample.py --fid needs both of the first two.

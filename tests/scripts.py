@@ -23,8 +23,20 @@ def environment(devices=1, **variables):
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def command(script, *args):
-    return [sys.executable, os.path.join(ROOT, script), *args]
+def command(script, *args, python=sys.executable, root=ROOT):
+    return [str(python), os.path.join(root, script), *args]
+
+
+def copy_repository(destination):
+    """The files git tracks or would track (not the ignored build/, .venv or built libraries of the
+    work tree), as they are in the work tree, copied to ``destination``; returns it."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in listed.split("\0"):
+        if os.path.isfile(os.path.join(ROOT, name)):  # not a tracked file deleted in the work tree
+            os.makedirs(os.path.dirname(os.path.join(destination, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(destination, name))
+    return destination
 
 
 def run(script, *args, devices=1, expect=0, timeout=900, cwd=None, **variables):
@@ -48,15 +60,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_distributed(script, *args, processes=2, devices=2, timeout=900, **variables):
-    """Run ``script`` as ``processes`` processes of ``devices`` CPU devices each over 127.0.0.1; assert
-    each exits 0 and return their (stdout, stderr)."""
+def run_distributed(script, *args, processes=2, devices=2, timeout=900, python=sys.executable, root=ROOT,
+                    cwd=None, **variables):
+    """Run ``script`` (of ``root``, with ``python``) as ``processes`` processes of ``devices`` CPU devices
+    each over 127.0.0.1; assert each exits 0 and return their (stdout, stderr)."""
     port = free_port()
     running = [subprocess.Popen(command(script, *args, "--distributed",
                                         f"--coordinator_address=127.0.0.1:{port}",
-                                        f"--num_processes={processes}", f"--process_id={i}"),
+                                        f"--num_processes={processes}", f"--process_id={i}",
+                                        python=python, root=root),
                                 env=environment(devices, **variables), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, cwd=cwd)
                for i in range(processes)]
     try:
         outputs = [p.communicate(timeout=timeout) for p in running]

@@ -39,14 +39,7 @@ def pinned(name):
 @pytest.fixture
 def source(tmp_path):
     """A copy of the repository's files, without what builds and installs leave in the work tree."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=scripts.ROOT, capture_output=True, text=True, check=True).stdout
-    copy = tmp_path / "source"
-    for name in listed.split("\0"):
-        if os.path.isfile(os.path.join(scripts.ROOT, name)):  # not a tracked file deleted in the work tree
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(os.path.join(scripts.ROOT, name), copy / name)
-    return copy
+    return scripts.copy_repository(tmp_path / "source")
 
 
 def pip(*args, **kwargs):
