@@ -3,7 +3,7 @@
     python evaluate.py --mode=fid --samples=OUT/samples.npz [--dataset=cifar10 --split=train]
     python evaluate.py --mode=nll --workdir=DIR (or --checkpoint=PATH) --out=DIR [--num_images=N]
     python evaluate.py --mode=reference_stats --dataset=cifar10 --split=train
-    python evaluate.py --mode=guidance_sweep --workdir=DIR --out=DIR --guidance_scales=0,0.3,1,2,4 \
+    python evaluate.py --mode=guidance_sweep --workdir=DIR --out=DIR --guidance_scales=0,0.3,1,2,4 \\
         [--num_samples=N]
 
 Paths may be local or gs:// (any filesystem etils.epath opens). With --distributed (as
@@ -62,6 +62,7 @@ flags.DEFINE_integer("batch_size", 64, "images per batch over all devices", lowe
 flags.DEFINE_integer("seed", 0, "modes nll, guidance_sweep: seed of the noise")
 flags.DEFINE_string("out", None, "modes nll, guidance_sweep: output directory")
 launch.define_distributed_flags()
+flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not only --helpfull
 flags.mark_flags_as_required(["mode"])
 
 MODEL = ("nll", "guidance_sweep")  # the modes that evaluate a model

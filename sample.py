@@ -14,7 +14,7 @@ A class-conditional model (model.num_classes > 0) samples --class_label=K (class
 per class), with classifier-free guidance of scale --guidance=W (default: the config's
 sample.guidance; 0: the conditional model alone), in mode samples:
 
-    python sample.py --workdir=out/quickstart_cond --out=OUT --class_label=all --guidance=1 \
+    python sample.py --workdir=out/quickstart_cond --out=OUT --class_label=all --guidance=1 \\
         --num_samples=1000
 
 Modes (--mode):
@@ -75,6 +75,7 @@ flags.DEFINE_string("reference_stats", None, "with --fid: statistics .npz of the
 flags.DEFINE_string("inception_weights", None,
                     "with --fid: pytorch-fid's Inception weights (see evaluate.py)")
 launch.define_distributed_flags()
+flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not only --helpfull
 flags.mark_flags_as_required(["out"])
 
 # flags that apply only to some modes or samplers

@@ -24,6 +24,7 @@ flags.DEFINE_bool("dry_run", False, "check the run and exit: join the processes,
                   "(writable and shared by every process; its checkpoints) and the parameter count; nothing "
                   "is trained or saved")
 launch.define_distributed_flags()
+flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not only --helpfull
 flags.mark_flags_as_required(["config", "workdir"])
 
 

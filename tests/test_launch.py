@@ -1,5 +1,8 @@
-"""The entry points' startup line and the warning for a CPU backend on a host with an accelerator."""
+"""The entry points' startup line, the warning for a CPU backend on a host with an accelerator, and --help."""
 
+import pathlib
+
+import pytest
 import scripts
 
 from diffusion_jax import launch
@@ -23,3 +26,15 @@ def test_each_entry_point_prints_the_startup_line_before_its_work(tmp_path):
     assert first.startswith("JAX ") and "backend cpu, 2 device(s) (cpu)" in first
     assert "process 0 of 1" in first
     assert "CPU convolutions: XLA" in first  # two devices: XLA's, as onednn.uses_onednn says
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py"])
+def test_help_shows_the_multi_process_flags_and_the_examples_as_written(script):
+    shown = scripts.run(script, "--help", expect=1).stdout  # absl's --help exits with status 1
+    for flag in ("--[no]distributed", "--coordinator_address", "--num_processes", "--process_id"):
+        assert flag in shown, shown
+    source = pathlib.Path(scripts.ROOT, script).read_text()
+    docstring = source[:source.index('"""', 3)].splitlines()[1:]
+    continued = [line.replace("\\\\", "\\") for line in docstring if line.endswith("\\\\")]
+    assert all(line in shown.splitlines() for line in continued), shown
+    assert script == "train.py" or continued  # sample.py and evaluate.py have such examples
