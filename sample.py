@@ -209,13 +209,13 @@ def samples(jax, loaded, out):
                         num_samples=FLAGS.num_samples)
     options = sampler_registry.get(config.sample.sampler).options  # eta is recorded for every sampler
     settings["sample"].update({k: config.sample[k] for k in options})
-    check_run_settings(out, settings)
     evaluator = None
-    if FLAGS.fid:  # the Inception weights before the samples: a missing file stops the run at once
+    if FLAGS.fid:  # the Inception weights before anything is written: a missing file stops the run at once
         from diffusion_jax.evaluation import report
 
         evaluator = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
                                      inception_weights=FLAGS.inception_weights)
+    check_run_settings(out, settings)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh,
                                     labels=class_labels(config))

@@ -91,6 +91,7 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
 def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message, status):
     result = sample(quickstart_workdir, tmp_path, *args, expect=status)
     assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "sampling.json").exists()  # nothing is written before the input is checked
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "ten"])
