@@ -426,6 +426,9 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                                           randflip=d.randflip, process_index=process)
         if start < t.num_steps:
             console(f"compiling the train step (step {start + 1} of {t.num_steps} next)")
+        else:
+            console(f"the run is complete: its checkpoint of step {start} is at or past train.num_steps = "
+                    f"{t.num_steps}, so there is nothing to train (to go on, raise --config.train.num_steps)")
         try:
             for step in range(start, t.num_steps):
                 state, metrics = trainer.step(state, trainer.global_batch(next(prefetch)), train_rng)

@@ -99,6 +99,10 @@ def test_checkpoint_restores_onto_a_different_device_count(reference, tmp_path):
     result = train(str(tmp_path), "train.num_steps=8", devices=1)
     assert "resumed from the checkpoint of step 4" in result.stdout
     assert_same_params(reference, params_of(checkpoint(str(tmp_path))[1]))
+    for num_steps in (8, 6):  # the finished run, and a num_steps below its checkpoint: said, not silent
+        result = train(str(tmp_path), f"train.num_steps={num_steps}", devices=1)
+        assert (f"the run is complete: its checkpoint of step 8 is at or past train.num_steps = {num_steps}, "
+                "so there is nothing to train" in result.stdout), result.stdout
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
