@@ -9,6 +9,11 @@ tried and not taken: tensorboardX imports PyTorch wherever it is installed (as o
 hosts: +370 MB resident in every training process, measured with ``benchmarks.compare``), and
 clu's writers import TensorFlow (~5 s of every start) and reach gs:// only through TF's
 filesystem. Process 0 writes; on the other processes every call does nothing.
+
+A resumed run writes a new file that starts with TensorBoard's restart mark, a ``SessionLog``
+START event at the first step it will log (what tf.summary's and tensorboardX's ``purge_step``
+write): TensorBoard then drops the events of earlier files from that step on, which a run
+killed after its last checkpoint had logged, so that every step is shown once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 import jax
 import numpy as np
 from etils import epath
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
@@ -30,15 +35,17 @@ from diffusion_jax import image_io
 
 
 class Writer:
-    """An events file of its own in ``directory`` (one per start of the run; TensorBoard reads them all)."""
+    """An events file of its own in ``directory`` (one per start of the run; TensorBoard reads them all)
+    whose events replace those of earlier files from step ``purge_step`` on."""
 
-    def __init__(self, directory: epath.Path):
+    def __init__(self, directory: epath.Path, purge_step: int):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             directory.mkdir(parents=True, exist_ok=True)
             name = f"events.out.tfevents.{time.time():010.0f}.{socket.gethostname()}.{os.getpid()}.v2"
             self._records = RecordWriter((directory / name).open("wb"))
             self._write(Event(file_version="brain.Event:2"))
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
 
     def _write(self, event: Event) -> None:
         event.wall_time = time.time()

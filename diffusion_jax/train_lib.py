@@ -397,7 +397,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
             state = restored
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
         start = int(state.step)
-        writer = summaries.Writer(workdir / "tensorboard")
+        writer = summaries.Writer(workdir / "tensorboard", purge_step=start + 1)  # the first step it logs
         writer.hparams(config_lib.flatten(config))
         saves = checkpoints.Saves(manager)
         log = _Log(writer, t.batch_size, t.num_steps, config.diffusion.num_timesteps)

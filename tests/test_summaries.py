@@ -1,13 +1,18 @@
 """The TensorBoard log of a short run, read back with TensorBoard's own event reader."""
 
 import os
+import time
 
 import numpy as np
 import scripts
+from etils import epath
 from PIL import Image
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
+
+from diffusion_jax import summaries
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
@@ -46,3 +51,21 @@ def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_hparams_and
         content["_hparams_/session_start_info"]).session_start_info
     assert (start.hparams["optim.lr"].number_value == 1e-3
             and start.hparams["data.name"].string_value == "digits")
+
+
+def test_a_resumed_run_replaces_the_steps_logged_after_its_checkpoint(tmp_path):
+    """A run killed at step 7 after its checkpoint of step 5 logged 6 and 7; the resumed run logs them
+    again, and TensorBoard shows each step once, with the resumed run's values."""
+    first = summaries.Writer(epath.Path(tmp_path), purge_step=1)
+    for step in range(1, 8):
+        first.scalars(step, {"loss": step})
+    first.close()
+    time.sleep(1.1)  # the events file names order the files by their start, in seconds
+    resumed = summaries.Writer(epath.Path(tmp_path), purge_step=6)
+    for step in range(6, 10):
+        resumed.scalars(step, {"loss": 10 * step})
+    resumed.close()
+    events = plugin_event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()  # the reader of TensorBoard's server (the legacy EventAccumulator purges no tensors)
+    logged = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors("loss")]
+    assert logged == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 60), (7, 70), (8, 80), (9, 90)]
