@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from diffusion_jax import schedule, timestep_sampler
@@ -25,6 +26,39 @@ class TrainState(NamedTuple):
     bad_step: jnp.ndarray  # int32 [], the first step with a non-finite loss or gradient, -1 if none
     # timestep_sampler.LossHistory with diffusion.timestep_sampler 'loss-second-moment'
     loss_history: Any = None
+
+
+# above this share of the random initial parameters in the EMA, samples of the EMA are announced as such
+EMA_NOTICE_SHARE = 0.05
+
+
+def ema_decay(optim, step, xp=jnp):
+    """The EMA's decay at update ``step`` (from 0): ``optim.ema_decay``, or with ``optim.ema_warmup``
+    min(ema_decay, (1 + n) / (10 + n)), tf.train.ExponentialMovingAverage's num_updates rule.
+    ``xp``: the array module of ``step`` (jax.numpy in the train step, NumPy on the host)."""
+    if optim.ema_warmup:
+        return xp.minimum(optim.ema_decay, (1.0 + step) / (10.0 + step))
+    return optim.ema_decay  # a Python float: 1 - decay is then computed in float64, as it always was
+
+
+def ema_initial_share(optim, steps: int) -> float:
+    """How much of the initial (random) parameters the EMA holds after ``steps`` updates: the product
+    of the decays, as ema <- decay * ema + (1 - decay) * params starts from the initial params."""
+    n = np.arange(steps, dtype=np.float64)
+    return float(np.exp(np.sum(np.log(np.broadcast_to(ema_decay(optim, n, xp=np), n.shape)))))
+
+
+def ema_notice(optim, steps: int) -> str | None:
+    """What to tell the user of samples of the EMA parameters after ``steps`` updates, while they still
+    hold more than ``EMA_NOTICE_SHARE`` of the random initial ones (None after that)."""
+    share = ema_initial_share(optim, steps)
+    if share <= EMA_NOTICE_SHARE:
+        return None
+    rule = "with optim.ema_warmup" if optim.ema_warmup else "without optim.ema_warmup"
+    return (f"note: after {steps} steps the EMA parameters (optim.ema_decay = {optim.ema_decay}, {rule}) "
+            f"still hold {share:.0%} of the random initial ones, so their samples may look like noise; "
+            "sample.py --params=raw samples the trained parameters, and optim.ema_warmup=True or a lower "
+            "optim.ema_decay lets the EMA follow a short run")
 
 
 def out_channels(config) -> int:

@@ -232,6 +232,9 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
                 raise CheckpointError(
                     f"the checkpoint of step {step} in {directory} cannot be read "
                     f"({errors.described(e)})") from e
+    notice = builders.ema_notice(config.optim, step) if which == "ema" else None
+    if notice:
+        console(notice)
     return Loaded(config, state.ema_params if which == "ema" else state.params,
                   f"{directory / str(step)} ({which})")
 

@@ -96,10 +96,7 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
     def update(state: TrainState) -> TrainState:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = config.optim.ema_decay
-        # (1 + n) / (10 + n), as in tf.train.ExponentialMovingAverage's num_updates
-        if config.optim.ema_warmup:
-            decay = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+        decay = builders.ema_decay(config.optim, state.step)
         return state._replace(
             params=params, ema_params=optax.incremental_update(params, state.ema_params, 1.0 - decay),
             opt_state=opt_state, loss_history=None if state.loss_history is None else timestep_sampler.update(
@@ -274,6 +271,13 @@ def _evaluate(evaluator, workdir: epath.Path, writer: summaries.Writer, log: _Lo
     log.leave_out(time.perf_counter() - began)
 
 
+def _ema_notice(optim, done: int, state: TrainState) -> None:
+    """After a grid of the EMA parameters' samples: a note while they are mostly the initial ones."""
+    notice = builders.ema_notice(optim, done)
+    if notice:
+        console(notice)
+
+
 def _profile(workdir: epath.Path, first: int, last: int):
     """A ``jax.profiler`` trace of steps ``first`` + 1 .. ``last`` in the TensorBoard directory (its
     Profile tab): ``(step, state)`` is called after each step."""
@@ -419,6 +423,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                     _Periodic(t.checkpoint_every, save, at_stop=True)]
         periodic += [_Periodic(e.every, functools.partial(_evaluate, e, workdir, writer, log, sample_rng))
                      for e in evaluators]
+        periodic.append(_Periodic(config.sample.every, functools.partial(_ema_notice, config.optim)))
         profiled = (start + 1, min(start + 1 + t.profile_steps, t.num_steps))  # after the compiling step
         if t.profile_steps and profiled[1] > profiled[0]:
             periodic.append(_Periodic(1, _profile(workdir, *profiled)))

@@ -23,6 +23,9 @@ def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_hparams_and
                          "--config.sample.every=2", "--config.eval.num_samples=16",
                          "--config.train.profile_steps=10")  # more than the run has: it stops at the last
     assert f"profiled steps 2-4: {tmp_path / 'tensorboard'}" in result.stdout
+    for step, share in ((2, "81%"), (4, "66%")):  # after each grid of the EMA: 0.9^step of it is the initial
+        assert (f"note: after {step} steps the EMA parameters (optim.ema_decay = 0.9, without "
+                f"optim.ema_warmup) still hold {share} of the random initial ones" in result.stdout)
     assert len(list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
     events = EventAccumulator(str(tmp_path / "tensorboard"),
                               size_guidance={"images": 0, "scalars": 0, "tensors": 0})

@@ -86,6 +86,18 @@ def reference(tmp_path_factory):
     return params_of(checkpoint(workdir)[1])
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_emas_share_of_the_initial_parameters_is_what_its_updates_leave(warmup):
+    optim = config_lib.base().optim
+    optim.update(ema_decay=0.99, ema_warmup=warmup)
+    ema = 1.0  # the initial parameter 1, then parameters 0: the EMA is the initial share
+    for step in range(200):
+        ema = float(optax.incremental_update(0.0, ema, 1.0 - builders.ema_decay(optim, step)))
+    np.testing.assert_allclose(builders.ema_initial_share(optim, 200), ema, rtol=1e-5)
+    assert builders.ema_initial_share(optim, 0) == 1.0
+    assert (builders.ema_notice(optim, 200) is None) == warmup  # 0.99^200 = 13%; with warmup ~1e-8
+
+
 def test_one_and_eight_devices_train_the_same_parameters(reference, tmp_path):
     result = train(str(tmp_path), "train.num_steps=8", devices=8)
     assert "step 8/8" in result.stdout
