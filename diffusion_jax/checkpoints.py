@@ -40,9 +40,11 @@ NETWORK_KEYS = ("model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn
 
 
 # what a resumed run may change without --allow_config_change: how long it runs; how often it logs,
-# saves, samples and evaluates; where its data is. Any other difference changes the run itself.
+# saves, samples and evaluates; where its data and held-out images are. Any other difference changes
+# the run itself.
 RESUMABLE_CHANGES = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.keep_period", "train.profile_steps", "data.data_dir", "sample.", "eval.")
+                     "train.keep_period", "train.profile_steps", "data.data_dir", "data.eval_name", "sample.",
+                     "eval.")
 
 
 def check_resume_settings(config, saved_config: dict, allow_config_change: bool) -> list[str]:

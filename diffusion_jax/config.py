@@ -19,9 +19,12 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # name: digits, cifar10, celeb_a_hq, lsun_church, lsun_bedroom, lsun_cat, tfds:NAME[/CONFIG][:SPLIT],
-    # folder:PATH or prepared:DIR (see input_pipeline); images are converted to `channels`
+    # folder:PATH or prepared:DIR (see input_pipeline); images are converted to `channels`. The held-out
+    # images (eval.num_samples, eval.nll_images) are eval_split of eval_name (default: name); a folder,
+    # or a tfds name with its :SPLIT, is one set of images, held out only with an eval_name of its own
     c.data = dict(name="cifar10", train_split="train", eval_split="test", image_size=32, channels=3,
-                  randflip=True, data_dir=config_dict.placeholder(str))
+                  randflip=True, data_dir=config_dict.placeholder(str),
+                  eval_name=config_dict.placeholder(str))
     # dtype: the network's compute dtype, 'float32' or 'bfloat16' (params, optimizer and EMA stay
     # float32; no loss scaling is needed, see models/unet.py). num_classes K > 0: a class-conditional
     # network (labels 0..K-1 of the data's classes, K for "no class"), 0: unconditional
@@ -89,10 +92,12 @@ def validate(config, num_devices: int, num_processes: int) -> None:
              value, "a tuple of integers, such as --config.model.ch_mult='(1, 2, 2, 2)'")
     d, m, diff, t, o, s = (config.data, config.model, config.diffusion, config.train, config.optim,
                            config.sample)
-    try:
-        input_pipeline.parse(d.name)  # the source's kind; whether it holds images is checked before training
-    except ConfigError:
-        need(False, "data.name", d.name, input_pipeline.ALLOWED)
+    for key in ("name", "eval_name"):
+        try:  # the source's kind; whether it holds images is checked before training
+            if d[key] is not None:
+                input_pipeline.parse(d[key])
+        except ConfigError:
+            need(False, f"data.{key}", d[key], input_pipeline.ALLOWED)
     need(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (colour)")
     levels = len(m.ch_mult)
     need(levels >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult, "positive integers")

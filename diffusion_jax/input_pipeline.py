@@ -81,6 +81,13 @@ def parse(name: str) -> Source:
     return Source(kind, value, None)
 
 
+def one_set(name: str) -> bool:
+    """Whether the source is one set of images whatever split is asked for (a folder; a tfds name that
+    names its split), so that its held-out images would be its training images."""
+    source = parse(name)
+    return source.kind == "folder" or source.split is not None
+
+
 def digits(split: str) -> np.ndarray:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), as uint8 16x16x1.
 

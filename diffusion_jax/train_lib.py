@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -385,8 +386,13 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                                                                                  **_share(config))
         heldout = None
         if config.eval.num_samples or config.eval.nll_images:
-            heldout = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size, channels=d.channels,
-                                          data_dir=d.data_dir)
+            if d.eval_name is None and input_pipeline.one_set(d.name) and process == 0:
+                print(f"warning: data.name = {d.name!r} is one set of images, so the held-out figures "
+                      "(eval.num_samples, eval.nll_images) are computed on training images; name other "
+                      "images with --config.data.eval_name=folder:PATH (or prepared:DIR, tfds:NAME:SPLIT)",
+                      file=sys.stderr, flush=True)
+            heldout = input_pipeline.load(d.eval_name or d.name, d.eval_split, image_size=d.image_size,
+                                          channels=d.channels, data_dir=d.data_dir)
 
         trainer = Trainer(config)
         init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)

@@ -49,12 +49,20 @@ def test_a_folder_trains_directly_and_once_prepared(images, tmp_path):
                               "--images_per_shard=128"]) == 0
     metadata = json.loads((prepared / "train.json").read_text())
     assert (metadata["num_examples"], metadata["classes"]) == (300, ["circles", "lines", "squares"])
-    for name in (f"folder:{images}", f"prepared:{prepared}"):
+    warning = (f"warning: data.name = 'folder:{images}' is one set of images, so the held-out figures "
+               "(eval.num_samples, eval.nll_images) are computed on training images; name other images with "
+               "--config.data.eval_name=folder:PATH")
+    # the folder's "held-out" figure is said to be of its training images; prepared records are held out
+    # against another source, data.eval_name (the folder here: they hold no test split)
+    for name, held_out in ((f"folder:{images}", []),
+                           (f"prepared:{prepared}", [f"data.eval_name=folder:{images}"])):
         workdir = tmp_path / name.split(":")[0]
         result = train(workdir, f"data.name={name}", "data.channels=3", "train.num_steps=20",
-                       "train.log_every=10")
+                       "train.log_every=10", "eval.num_samples=16", *held_out)
         assert "step 20/20" in result.stdout, result.stdout[-2000:]
         assert (workdir / "checkpoints" / "20").is_dir()
+        assert "sliced Wasserstein distance to 16 held-out images" in result.stdout, result.stdout[-2000:]
+        assert (warning in result.stderr) == (not held_out), result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("make, message", [
