@@ -3,6 +3,7 @@
     python evaluate.py --mode=fid --samples=OUT/samples.npz [--dataset=cifar10 --split=train]
     python evaluate.py --mode=nll --workdir=DIR (or --checkpoint=PATH) --out=DIR [--num_images=N]
     python evaluate.py --mode=reference_stats --dataset=cifar10 --split=train
+    python evaluate.py --mode=sliced_wasserstein --samples=OUT/samples.npz --dataset=digits --split=test
     python evaluate.py --mode=guidance_sweep --workdir=DIR --out=DIR --guidance_scales=0,0.3,1,2,4 \\
         [--num_samples=N]
 
@@ -17,6 +18,10 @@ DIFFUSION_JAX_INCEPTION_WEIGHTS, or the file in ~/.cache/diffusion_jax/. The ref
 statistics (all images of --split) are computed once and cached (--reference_stats, default
 ~/.cache/diffusion_jax/fid_stats/DATASET_SPLIT_SIZE.npz). Samples are an .npz whose arr_0
 is uint8 NHWC, as sample.py writes and other FID tools read.
+
+The sliced Wasserstein distance (pixel space) is the quickstart's figure, between the samples
+and as many images of --dataset's --split (all of them, or --num_images); OUT/samples_swd.json
+gets it beside the samples.
 
 The NLL is the full bound (all T terms and the prior) in bits/dim of --num_images images
 (default: all) of the config's eval split, with its standard error; OUT gets nll.json and the
@@ -37,10 +42,13 @@ from diffusion_jax import launch, xla_flags
 from diffusion_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats", "guidance_sweep"], "what to evaluate")
-flags.DEFINE_string("samples", None, "mode fid: an .npz of samples (arr_0: uint8 NHWC)")
-flags.DEFINE_string("dataset", "cifar10", "modes fid, reference_stats: the reference dataset")
-flags.DEFINE_string("split", "train", "modes fid, reference_stats: its split (all images are used)")
+flags.DEFINE_enum("mode", None, ["fid", "nll", "reference_stats", "guidance_sweep", "sliced_wasserstein"],
+                  "what to evaluate")
+flags.DEFINE_string("samples", None, "modes fid, sliced_wasserstein: an .npz of samples (arr_0: uint8 NHWC)")
+flags.DEFINE_string("dataset", "cifar10", "modes fid, reference_stats, sliced_wasserstein: the reference "
+                    "dataset")
+flags.DEFINE_string("split", "train", "modes fid, reference_stats, sliced_wasserstein: its split (all images "
+                    "are used)")
 flags.DEFINE_string("data_dir", None, "tfds data_dir of the reference dataset")
 flags.DEFINE_integer("image_size", None, "mode reference_stats: the image side (default: 32 for cifar10, 16 "
                      "for digits; mode fid takes the samples')", lower_bound=1)
@@ -54,8 +62,8 @@ flags.DEFINE_string("workdir", None, "mode nll: a training workdir")
 flags.DEFINE_string("checkpoint", None, "mode nll: WORKDIR/checkpoints/STEP or convert.py's --out")
 flags.DEFINE_integer("step", None, "mode nll: the workdir's checkpoint (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "mode nll: EMA or raw parameters")
-flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to evaluate (0: all)",
-                     lower_bound=0)
+flags.DEFINE_integer("num_images", 0, "mode nll: images of the eval split to evaluate; mode "
+                     "sliced_wasserstein: samples and images compared (0: all)", lower_bound=0)
 flags.DEFINE_list("guidance_scales", ["0", "0.3", "1", "2", "4"], "mode guidance_sweep: the scales w")
 flags.DEFINE_integer("num_samples", 10_000, "mode guidance_sweep: samples at each scale", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "images per batch over all devices", lower_bound=1)
@@ -66,11 +74,13 @@ flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not o
 flags.mark_flags_as_required(["mode"])
 
 MODEL = ("nll", "guidance_sweep")  # the modes that evaluate a model
-MODE_FLAGS = {"samples": ("fid",), "dataset": ("fid", "reference_stats"), "split": ("fid", "reference_stats"),
-              "data_dir": ("fid", "reference_stats"), "image_size": ("reference_stats",),
+DATA = ("fid", "reference_stats", "sliced_wasserstein")  # the modes that read a dataset
+MODE_FLAGS = {"samples": ("fid", "sliced_wasserstein"), "dataset": DATA, "split": DATA, "data_dir": DATA,
+              "image_size": ("reference_stats",),
               "reference_stats": ("fid", "reference_stats", "guidance_sweep"),
               "inception_weights": ("fid", "reference_stats", "guidance_sweep"), "config": MODEL,
-              "workdir": MODEL, "checkpoint": MODEL, "step": MODEL, "params": MODEL, "num_images": ("nll",),
+              "workdir": MODEL, "checkpoint": MODEL, "step": MODEL, "params": MODEL,
+              "num_images": ("nll", "sliced_wasserstein"),
               "seed": MODEL, "out": MODEL, "guidance_scales": ("guidance_sweep",),
               "num_samples": ("guidance_sweep",)}
 
@@ -79,8 +89,8 @@ def check_flags():
     for name, modes in MODE_FLAGS.items():
         if FLAGS[name].present and FLAGS.mode not in modes:
             raise ConfigError(f"--{name} applies to --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
-    required = {"fid": ["samples"], "nll": ["out"], "reference_stats": [],
-                "guidance_sweep": ["out"]}[FLAGS.mode]
+    required = {"fid": ["samples"], "nll": ["out"], "reference_stats": [], "guidance_sweep": ["out"],
+                "sliced_wasserstein": ["samples"]}[FLAGS.mode]
     missing = [f"--{name}" for name in required if FLAGS[name].value is None]
     if missing:
         raise ConfigError(f"--mode={FLAGS.mode} needs {', '.join(missing)}")
@@ -105,6 +115,25 @@ def fid_mode():
     values = evaluator.fid_and_is(images)
     report.print_fid(values)
     report.write_json(samples.with_name(samples.stem + "_metrics.json"), values)
+
+
+def sliced_wasserstein_mode():
+    from diffusion_jax import input_pipeline, storage
+    from diffusion_jax.evaluation import fid, report
+    from diffusion_jax.evaluation.sliced_wasserstein import pixel_distance
+    from diffusion_jax.progress import console
+
+    samples = storage.path(FLAGS.samples, what="--samples")
+    images = fid.load_samples(samples)
+    reference = input_pipeline.load(FLAGS.dataset, FLAGS.split, image_size=images.shape[1],
+                                    channels=images.shape[3], data_dir=FLAGS.data_dir)
+    n = min(len(images), len(reference), FLAGS.num_images or len(images))
+    distance = pixel_distance(images[:n], reference[:n])
+    console(f"sliced Wasserstein distance between {n} samples and {n} images of "
+            f"{FLAGS.dataset}/{FLAGS.split} (pixel space, lower is better): {distance:.4f}")
+    report.write_json(samples.with_name(samples.stem + "_swd.json"),
+                      {"sliced_wasserstein": distance, "num_images": n, "dataset": FLAGS.dataset,
+                       "split": FLAGS.split})
 
 
 def reference_stats_mode():
@@ -233,6 +262,8 @@ def main(argv):
             reference_stats_mode()
         elif FLAGS.mode == "guidance_sweep":
             guidance_sweep_mode(jax)
+        elif FLAGS.mode == "sliced_wasserstein":
+            sliced_wasserstein_mode()
         else:
             nll_mode(jax)
 

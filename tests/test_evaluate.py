@@ -8,7 +8,9 @@ import pytest
 import scripts
 from flax import traverse_util
 
+from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation.sliced_wasserstein import pixel_distance
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +83,20 @@ def test_training_evaluates_fid_and_nll_periodically(fid_files, tmp_path):
 def test_bad_evaluate_input_is_a_clear_error(args, message, status):
     result = scripts.run("evaluate.py", *args, expect=status)
     assert message in result.stderr
+
+
+def test_the_sliced_wasserstein_mode_scores_a_samples_file_against_a_dataset(tmp_path):
+    test = input_pipeline.load("digits", "test", image_size=16, channels=1)
+    train = input_pipeline.load("digits", "train", image_size=16, channels=1)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, test)
+    cases = (("test", 0, 0.0, len(test)), ("train", 100, pixel_distance(test[:100], train[:100]), 100))
+    for split, num_images, expected, n in cases:
+        result = scripts.run("evaluate.py", "--mode=sliced_wasserstein", f"--samples={samples}",
+                             "--dataset=digits", f"--split={split}", f"--num_images={num_images}")
+        assert (f"sliced Wasserstein distance between {n} samples and {n} images of digits/{split} "
+                f"(pixel space, lower is better): {expected:.4f}") in result.stdout, result.stdout
+        saved = json.loads((tmp_path / "samples_swd.json").read_text())
+        assert saved == {"sliced_wasserstein": pytest.approx(expected, abs=1e-12), "num_images": n,
+                         "dataset": "digits", "split": split}
+    assert expected > 0.05  # samples of the test digits are nearer their own images than the training ones

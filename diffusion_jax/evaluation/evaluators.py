@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusion_jax import image_io
 from diffusion_jax.evaluation import likelihood
-from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
+from diffusion_jax.evaluation.sliced_wasserstein import pixel_distance
 from diffusion_jax.progress import Progress
 
 
@@ -91,8 +91,7 @@ class SlicedWasserstein:
     def run(self, params, rng) -> dict:
         samples = self.generate(params, self.num, rng)
         untrained = self.generate(self.initial_params(), self.num, rng)
-        heldout = self.heldout.astype(np.float32) / 255
-        values = {f"swd/{name}": sliced_wasserstein(x.astype(np.float32) / 255, heldout)
+        values = {f"swd/{name}": pixel_distance(x, self.heldout)
                   for name, x in (("real_vs_real", self.floor_set), ("ema_model", samples),
                                   ("untrained_model", untrained))}
         values["final"] = image_io.grid(samples[:64], scale=2)
