@@ -7,6 +7,8 @@ conditional run, their errors, and the conditional quickstart judged by a classi
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from diffusion_jax import builders, guidance, input_pipeline, sample_lib, sample
 from diffusion_jax import config as config_lib
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import PRESETS, UNet
+from examples import digit_classes
 
 TINY = f"--config={scripts.ROOT}/tests/tiny_config.py"
 CONDITIONAL = ["--config.model.num_classes=10", "--config.diffusion.cond_drop_prob=0.1"]
@@ -261,23 +264,12 @@ def test_the_guidance_sweep_writes_a_table_and_a_plot(conditional_workdir, tmp_p
 
 @pytest.fixture(scope="module")
 def digit_classifier():
-    """An SVM (RBF kernel, C = 10) on the 1,500 real training digits (pixels in [0, 1]); its accuracy on
-    the 297 held-out ones (95%)."""
-    from sklearn.svm import SVC
-
-    train, test = (input_pipeline.load_examples("digits", split, image_size=16)
-                   for split in ("train", "test"))
-    classifier = SVC(C=10, gamma="scale")
-    classifier.fit(train.images.reshape(len(train.images), -1) / 255.0, train.labels)
-    accuracy = classifier.score(test.images.reshape(len(test.images), -1) / 255.0, test.labels)
-    return classifier, accuracy
+    """examples/digit_classes.py's judge, and its accuracy on the held-out digits (95%)."""
+    return digit_classes.digit_classifier()
 
 
 def recognised(classifier, out) -> float:
-    """The fraction of sample.py's samples in ``out`` that ``classifier`` takes for the class asked for."""
-    with np.load(out / "samples.npz") as f:
-        images, labels = f["arr_0"], f["labels"]
-    return float(np.mean(classifier.predict(images.reshape(len(images), -1) / 255.0) == labels))
+    return digit_classes.recognised(classifier, out / "samples.npz")
 
 
 def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, tmp_path):
@@ -303,3 +295,8 @@ def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, 
     fractions["untrained"] = recognised(classifier, tmp_path / "untrained_samples")
     assert fractions["w=1"] >= 0.8, fractions
     assert fractions["untrained"] < 0.3, fractions  # chance is 0.1: the check can tell
+    # the README's command for the figure
+    figure = [sys.executable, "examples/digit_classes.py", str(tmp_path / "w=1" / "samples.npz")]
+    shown = subprocess.run(figure, cwd=scripts.ROOT, capture_output=True, text=True, check=True).stdout
+    assert shown.startswith(f"{fractions['w=1']:.1%} of the samples are recognised as the digit they were "
+                            f"drawn as (an SVM on the real training digits, {accuracy:.1%} right"), shown
