@@ -220,7 +220,9 @@ def test_convolutions_that_xla_runs_at_once_do_not_share_a_scratchpad():
 
 
 @needs_onednn
-def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch):
+@pytest.mark.parametrize("weight_gradient", ["onednn", "xla"])  # the AVX-512 CPUs' choice, and AVX2's here
+def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch, weight_gradient):
+    monkeypatch.setattr(onednn, "onednn_weight_gradient", lambda x_size: weight_gradient == "onednn")
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
     x, t = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 3)), jnp.array([3, 700])
     params = model.init(jax.random.PRNGKey(4), x, t)
