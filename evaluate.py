@@ -38,7 +38,7 @@ after the last complete shard. FID and IS of one guided sample set: sample.py --
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import launch, xla_flags
+from diffusion_jax import launch, sampler_registry, xla_flags
 from diffusion_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -239,8 +239,8 @@ def guidance_sweep_mode(jax):
         values = scorer.fid_and_is(sample_lib.on_every_process(images, directory))
         report.print_fid(values, prefix=f"w = {w:g}: ")
         rows.append(dict(guidance=w, **values))
-        sampler = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "order", "clip_x0",
-                                                 "threshold")}
+        sampler = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "clip_x0",
+                                                 *sampler_registry.get(config.sample.sampler).options)}
         report.write_guidance_sweep(rows, out, dict(sampler=sampler, seed=FLAGS.seed,
                                                      model=FLAGS.workdir or FLAGS.checkpoint))
     progress.console(f"wrote guidance_sweep.json, guidance_sweep.md and guidance_sweep.png to {out}")

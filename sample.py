@@ -7,7 +7,10 @@
 The model: --workdir (a training run, its latest checkpoint or --step; --params=ema|raw) or
 --checkpoint (a training checkpoint WORKDIR/checkpoints/STEP, or convert.py's output). The
 sampler: the config's ``sample`` settings (the run's, or --config's for converted
-checkpoints), overridden by --sampler, --steps, --spacing, --eta, --order, --clip_x0, --threshold.
+checkpoints), overridden by --sampler, --steps, --spacing, --eta, --order, --clip_x0, --threshold and
+Karras et al.'s --rho, --S_churn, --S_tmin, --S_tmax, --S_noise (samplers euler, heun, heun_churn:
+--steps=18 is their 35 network evaluations). The progress line and OUT/sampling.json give the
+network evaluations of one sample.
 
 A class-conditional model (model.num_classes > 0) samples --class_label=K (class K) or
 --class_label=all (the classes in order, --num_samples / K of each; samples.png then has one row
@@ -58,6 +61,8 @@ flags.DEFINE_integer("order", None, f"override config.sample.order ({sampler_reg
 flags.DEFINE_bool("clip_x0", None, "override config.sample.clip_x0")
 flags.DEFINE_float("threshold", None,
                    f"override config.sample.threshold ({sampler_registry.option_help('threshold')})")
+for _name in ("rho", "S_churn", "S_tmin", "S_tmax", "S_noise"):  # Karras et al.'s samplers
+    flags.DEFINE_float(_name, None, f"override config.sample.{_name} ({sampler_registry.option_help(_name)})")
 flags.DEFINE_string("class_label", None, "a class-conditional model's class to sample, 0..K-1, or 'all'")
 flags.DEFINE_float("guidance", None, "override config.sample.guidance, the classifier-free guidance scale w "
                    "of a class-conditional model (0: none)", lower_bound=0)
@@ -100,7 +105,7 @@ def check_sampler_flags(config):
         raise ConfigError(f"--mode={FLAGS.mode} needs the deterministic DDIM sampler (--sampler=ddim, "
                           f"eta 0), not sampler {s.sampler!r} with eta {s.eta}")
     if FLAGS.mode == "interpolate_diffused":
-        for name in ("sampler", "steps", "spacing", "eta", "order"):
+        for name in ("sampler", "steps", "spacing", *sampler_registry.OPTIONS):
             if FLAGS[name].present:
                 raise ConfigError(f"--{name} does not apply to --mode=interpolate_diffused, which decodes "
                                   "with the full DDPM chain from --t (DDPM section 4.4)")
@@ -150,7 +155,7 @@ def class_labels(config):
 
 
 def sampler_config(config):
-    for name in ("sampler", "steps", "spacing", "eta", "order", "clip_x0", "threshold", "guidance"):
+    for name in ("sampler", "steps", "spacing", "clip_x0", "guidance", *sampler_registry.OPTIONS):
         if FLAGS[name].value is not None:
             config.sample[name] = FLAGS[name].value
     if FLAGS.sampler is not None:  # the sampler's own steps and spacing unless told otherwise
@@ -160,6 +165,9 @@ def sampler_config(config):
         if sampler.default_spacing is not None and FLAGS.spacing is None:
             config.sample.spacing = sampler.default_spacing
     return config
+
+
+DERIVED = ("network_evaluations",)  # recorded in sampling.json, but a function of the settings compared
 
 
 def check_run_settings(out, settings: dict) -> None:
@@ -172,7 +180,7 @@ def check_run_settings(out, settings: dict) -> None:
     if path.exists():
         saved = storage.read_json(path)
         differing = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)"
-                     for k in settings if saved.get(k) != settings[k]]
+                     for k in settings if k not in DERIVED and saved.get(k) != settings[k]]
         if differing:
             raise ConfigError(f"{out} holds samples made with other settings: {', '.join(differing)}; "
                               "use a new --out to sample with these")
@@ -209,6 +217,9 @@ def samples(jax, loaded, out):
                         num_samples=FLAGS.num_samples)
     options = sampler_registry.get(config.sample.sampler).options  # eta is recorded for every sampler
     settings["sample"].update({k: config.sample[k] for k in options})
+    sched = builders.make_schedule(config)
+    # what one sample costs (derived from the settings above, so not compared on resume)
+    settings["network_evaluations"] = sampler_registry.evaluations(config.sample, sched)
     evaluator = None
     if FLAGS.fid:  # the Inception weights before anything is written: a missing file stops the run at once
         from diffusion_jax.evaluation import report
@@ -217,11 +228,13 @@ def samples(jax, loaded, out):
                                      inception_weights=FLAGS.inception_weights)
     check_run_settings(out, settings)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    generate = sample_lib.Generator(config, builders.make_model(config), builders.make_schedule(config), mesh,
+    generate = sample_lib.Generator(config, builders.make_model(config), sched, mesh,
                                     labels=class_labels(config))
+    guided = config.model.num_classes and config.sample.guidance  # both passes in one doubled batch
+    label = (f"samples, {settings['network_evaluations']} network evaluations each"
+             + (" (of a doubled batch: guided)" if guided else ""))
     images = sample_lib.sample_to_file(generate, params, jax.random.PRNGKey(FLAGS.seed), out,
-                                       FLAGS.num_samples, FLAGS.batch_size,
-                                       progress=progress.Progress("samples"))
+                                       FLAGS.num_samples, FLAGS.batch_size, progress=progress.Progress(label))
     if jax.process_index() == 0:
         if FLAGS.class_label == "all":  # one row per class: its first samples
             per_class = FLAGS.num_samples // config.model.num_classes

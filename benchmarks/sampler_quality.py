@@ -1,6 +1,6 @@
 """Sample quality against the number of model evaluations, with an exact denoiser.
 
-    python -m benchmarks.sampler_quality [--samples 4000] [--sets 8] [--nfe 5 10 20 50 100]
+    python -m benchmarks.sampler_quality [--samples 4000] [--sets 8] [--nfe 5 10 20 50 100] [--rows KIND ...]
 
 The data are 8 Gaussian components of std 0.05 on a circle of radius 0.8 in 2-D, diffused by
 DDPM's linear schedule (T = 1000); the eps-network is the mixture's exact E[eps | x_t]
@@ -12,6 +12,8 @@ between two independent data sets). One such distance is noisy (its standard dev
 pairs (fixed x_T and data seeds, the same for every sampler), and the floor is printed with
 the standard error of that mean. diffusers' ``DPMSolverMultistepScheduler`` with log-SNR-uniform
 steps (``use_lu_lambdas``) is driven by the same eps function from the same x_T in the same run.
+Karras et al. 2022's samplers run on N levels of their eq. 5 (rho = 7): Euler at N = NFE, Heun
+(2N - 1 evaluations) at the largest N within the NFE, so 35 evaluations are their N = 18.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import analytic
+from diffusion_jax import analytic, sampler_registry
 from diffusion_jax import samplers as SM
 from diffusion_jax import schedule as S
 from diffusion_jax.evaluation.sliced_wasserstein import sliced_wasserstein
@@ -49,6 +51,13 @@ def ours(kind: str, spacing: str, order, nfe: int, sched, eps_fn, x_T):
     elif kind == "ddim":
         steps = np.unique(SM.ddim_timesteps(T, nfe, spacing))
         run = functools.partial(SM.ddim_sample, eps_fn, sched, timesteps=steps, **TYPES)
+    elif kind in ("euler", "heun", "heun_churn"):  # N levels of eq. 5; Heun's 2N - 1 evaluations within nfe
+        steps = SM.edm_timesteps(sched, nfe if kind == "euler" else max((nfe + 1) // 2, 2), rho=7.0)
+        churn = dict(S_churn=80.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003, rng=jax.random.PRNGKey(1))
+        run = functools.partial(SM.edm_sample, eps_fn, sched, timesteps=steps, second_order=kind != "euler",
+                                **(churn if kind == "heun_churn" else {}), **TYPES)
+        return (np.asarray(jax.jit(lambda x: run(x_T=x).images)(x_T)),
+                sampler_registry.get(kind).nfe(len(np.unique(steps))))
     else:
         steps = SM.dpm_solver_timesteps(sched, nfe, spacing)
         run = functools.partial(SM.dpm_solver_sample, eps_fn, sched, timesteps=steps, order=order,
@@ -84,6 +93,9 @@ ROWS = (
     ("DPM-Solver++ 2S (logSNR)", "dpm_solver++ 2S", "logSNR", 2),
     ("diffusers DPM-Solver++ 2M (lu)", "diffusers", "lu", 2),
     ("diffusers DPM-Solver++ 3M (lu)", "diffusers", "lu", 3),
+    ("Euler (karras)", "euler", "karras", None),
+    ("Heun (karras)", "heun", "karras", None),
+    ("Heun + churn 80 (karras)", "heun_churn", "karras", None),  # Karras et al.'s ImageNet-64 settings
 )
 
 
@@ -93,6 +105,8 @@ def main():
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     parser.add_argument("--sets", type=int, default=8)
+    parser.add_argument("--rows", nargs="+", default=None, metavar="KIND",
+                        help=f"only these samplers' rows ({', '.join(dict.fromkeys(r[1] for r in ROWS))})")
     args = parser.parse_args()
 
     sched = S.make_schedule("linear", 1000)
@@ -112,6 +126,8 @@ def main():
     header = f"{'sampler':34s}" + "".join(f"{'NFE ' + str(n):>22s}" for n in args.nfe)
     print(header + "\n" + "-" * len(header))
     for name, kind, spacing, order in ROWS:
+        if args.rows is not None and kind not in args.rows:
+            continue
         cells = []
         for nfe in args.nfe:
             if kind == "diffusers":
@@ -121,8 +137,8 @@ def main():
             d = distance(x)
             cells.append(f"{d:.4f} ({d / floor:5.2f}x)" + ("" if used == nfe else f" [{used}]"))
         print(f"{name:34s}" + "".join(f"{c:>22s}" for c in cells), flush=True)
-    print("\nEach cell: distance to the data (ratio to the floor); [n]: n distinct model evaluations where "
-          "rounding to integer timesteps merged some.")
+    print("\nEach cell: distance to the data (ratio to the floor); [n]: n model evaluations where rounding "
+          "to integer timesteps merged some, or where Heun's 2N - 1 cannot equal the column's.")
 
 
 if __name__ == "__main__":

@@ -47,15 +47,20 @@ def base() -> ml_collections.ConfigDict:
     c.train = dict(batch_size=128, num_steps=800_000, log_every=100, checkpoint_every=10_000,
                    keep_checkpoints=3, keep_period=0, profile_steps=0)
     # the sampler of grids during training and the default of sample.py, one of sampler_registry's:
-    # 'ddpm' (ancestral), 'ddim' (eta 0: deterministic, 1: DDPM-like) or 'dpm_solver++' (multistep of
-    # `order` 2 or 3), on `steps` timesteps of `spacing` (each sampler's own, see the registry); x_0
-    # predictions clipped to [-1, 1] as in the DDPM code; dpm_solver++'s `threshold`: dynamic
-    # thresholding at that percentile of |x_0| (0: off; 0.995 in DPM-Solver++, for large guidance).
+    # 'ddpm' (ancestral), 'ddim' (eta 0: deterministic, 1: DDPM-like), 'dpm_solver++' (multistep of
+    # `order` 2 or 3) or Karras et al.'s (below), on `steps` timesteps of `spacing` (each sampler's own,
+    # see the registry); x_0 predictions clipped to [-1, 1] as in the DDPM code; dpm_solver++'s
+    # `threshold`: dynamic thresholding at that percentile of |x_0| (0: off; 0.995 in DPM-Solver++, for
+    # large guidance).
     # `guidance`: classifier-free guidance scale w of a class-conditional model (guidance.py; 0: none).
+    # Karras et al. 2022's 'euler', 'heun' (Algorithm 1) and 'heun_churn' (Algorithm 2) take `steps` N >= 2
+    # levels of their eq. 5 with `rho`; heun_churn adds noise by S_churn where S_tmin <= sigma <= S_tmax,
+    # scaled by S_noise (their names and defaults; S_churn = 0: heun).
     # Grids of `num` EMA samples with fixed noise every `every` steps (0: never), of a
     # class-conditional model one class per column.
     c.sample = dict(every=10_000, num=64, sampler="ddim", steps=100, spacing="quad", eta=0.0, clip_x0=True,
-                    order=2, threshold=0.0, guidance=0.0)
+                    order=2, threshold=0.0, guidance=0.0, rho=7.0, S_churn=0.0, S_tmin=0.0,
+                    S_tmax=float("inf"), S_noise=1.0)
     # num_samples: at the end of training, the sliced Wasserstein distance in pixel space between
     # that many samples and held-out images (0: skip). Every `every` steps (0: never), FID of
     # fid_samples EMA samples against the statistics of data.train_split (cached at
@@ -140,10 +145,15 @@ def validate(config, num_devices: int, num_processes: int) -> None:
          f"one of {', '.join(sampler.spacings)} with sampler {s.sampler!r}")
     for key, option in sampler.options.items():
         need(option.valid(s[key]), f"sample.{key}", s[key], option.allowed)
+    for check in sampler.checks:
+        need(check.valid({key: s[key] for key in sampler.options}), f"sample.{check.key}", s[check.key],
+             check.allowed)
     for key, idle in sampler_registry.OPTIONS.items():
         need(key in sampler.options or idle is None or s[key] == idle, f"sample.{key}", s[key],
              f"{idle} with sampler {s.sampler!r} ({key} applies to {sampler_registry.option_help(key)})")
-    need(1 <= s.steps <= diff.num_timesteps, "sample.steps", s.steps, f"in [1, {diff.num_timesteps}]")
+    fewest = sampler.min_steps
+    need(fewest <= s.steps <= diff.num_timesteps, "sample.steps", s.steps,
+         f"in [{fewest}, {diff.num_timesteps}]" + (f" with sampler {s.sampler!r}" if fewest > 1 else ""))
     need(s.every >= 0 and s.num >= 1, "sample", dict(s), "every >= 0 and num >= 1")
     need(s.guidance >= 0, "sample.guidance", s.guidance, ">= 0 (0: the conditional model alone)")
     need(m.num_classes or s.guidance == 0, "sample.guidance", s.guidance,

@@ -26,8 +26,7 @@ from diffusion_jax.models.unet import UNet
 
 def sampler_timesteps(config, sched: schedule.Schedule):
     """The timesteps ``config.sample`` visits, or None for all T (the full DDPM chain)."""
-    s = config.sample
-    return sampler_registry.get(s.sampler).timesteps(sched, s.steps, s.spacing)
+    return sampler_registry.visited_timesteps(config.sample, sched)
 
 
 def sample_images(params, x_T, rng, *, model: UNet, sched: schedule.Schedule, config, y=None, record=()):

@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral sampling, generalized DDIM, DPM-Solver++, DDIM inversion and interpolation.
+"""Samplers: DDPM ancestral sampling, generalized DDIM, DPM-Solver++, Karras et al.'s Euler and Heun (EDM),
+DDIM inversion and interpolation.
 
 Every sampler takes a denoiser ``model_fn(x_t, t)`` (integer ``t`` [B] on the original
 [0, T) scale), a :class:`~diffusion_jax.schedule.Schedule` and the model's ``mean_type`` and
@@ -364,6 +365,169 @@ def dpm_solver_sample(
 
     zeros = jnp.zeros_like(x_T)
     return _reverse_loop(step, x_T, steps, record, state=(zeros, zeros, zeros))
+
+
+def log_sigmas(sched: sch.Schedule) -> np.ndarray:
+    """log sigma_t [T] of the VP diffusion in Karras et al. 2022's form, float64 on the host, increasing in t.
+
+    Their Table 1 writes VP as x = s(t) x~ with s(t) = sqrt(a-bar_t) and x~ ~ N(x_0, sigma(t)^2 I),
+    sigma(t) = sqrt(1 / a-bar_t - 1) (the schedule's ``sqrt_recipm1_alphas_cumprod``): so
+    log sigma_t = -lambda_t of :func:`log_snr`.
+    """
+    return -log_snr(sched, np)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """The N noise levels of Karras et al. 2022, eq. 5, float64, decreasing from sigma_max to sigma_min:
+
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i < N.
+
+    rho = 7 (theirs) shortens the steps near sigma_min; rho = 1 is uniform in sigma, and a large rho
+    nears uniform in log sigma. sigma_N = 0 is not included.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2 (eq. 5 spaces N >= 2 levels), got {num_steps!r}")
+    if not 0 < rho < np.inf:
+        raise ValueError(f"rho must be > 0 and finite (7 in Karras et al.), got {rho!r}")
+    if not 0 < sigma_min <= sigma_max < np.inf:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {sigma_min!r} and {sigma_max!r}")
+    i = np.arange(num_steps, dtype=np.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + i / (num_steps - 1) * (lo - hi)) ** rho
+
+
+def sigma_to_timestep(log_sigma_t: np.ndarray, sigma) -> np.ndarray:
+    """The timesteps [int32] of noise levels ``sigma`` on a schedule of increasing ``log_sigma_t`` [T]
+    (:func:`log_sigmas`): t by linear interpolation in log sigma between the discrete levels (a
+    fractional t), rounded to the nearest integer, which is the level nearest in log sigma; levels
+    beyond the schedule's end clamp to 0 and T - 1."""
+    t = np.interp(np.log(np.asarray(sigma, np.float64)), log_sigma_t, np.arange(len(log_sigma_t)))
+    return np.round(t).astype(np.int32)
+
+
+def edm_timesteps(sched: sch.Schedule, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Timesteps [N] of Karras et al.'s N-step sampler on ``sched``: eq. 5's sigma_i with rho between the
+    schedule's own sigma_min = sigma_0 and sigma_max = sigma_{T-1}, each mapped to its nearest level
+    (:func:`sigma_to_timestep`), increasing. Two sigma_i that round onto one level are kept as a
+    repeated entry, which :func:`edm_sample` skips as the no-op it is (a step of length 0): N stays
+    the paper's step count, and the model is evaluated at the distinct levels only.
+
+    Why the nearest level rather than the fractional t that k-diffusion and diffusers give the
+    network: a ``model_fn`` here takes integer t (the schedule's conversions and the exact denoisers
+    index their tables by it), and a discrete-time network is trained at integer t only. The U-Net's
+    sinusoidal embedding would take a float t (it casts t to float32), but its fastest frequency turns
+    by 1 radian per timestep, so t + 1/2 is an input it never saw. Moving sigma_i itself onto the
+    level, not only the t given to the network, keeps the noise level of x and the network's t the
+    same, so each step is exactly Algorithm 1's, on a grid of trained levels (as
+    :func:`dpm_solver_timesteps` rounds its points). Interpolating in log sigma, where eq. 5 and the
+    log-SNR time of the ODE are smooth, makes the rounding the nearest level in log sigma: at most
+    half a level's gap, a ratio of at most 1.22 in sigma on the linear schedule (between t = 0 and 1).
+    On the cosine schedule, whose sigma_{T-1} = 2e4 is 32 times sigma_{T-2}, the top levels of eq. 5
+    fall on the last timesteps: 18 levels visit 11.
+    """
+    log_sigma_t = log_sigmas(sched)
+    sigmas = karras_sigmas(np.exp(log_sigma_t[0]), np.exp(log_sigma_t[-1]), num_steps, rho)
+    return sigma_to_timestep(log_sigma_t, sigmas)[::-1].copy()
+
+
+def check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> None:
+    """A ValueError naming the first of Karras et al.'s Algorithm 2 settings out of its range."""
+    if not 0 <= S_churn < np.inf:
+        raise ValueError(f"S_churn must be >= 0 and finite (0: deterministic), got {S_churn!r}")
+    if not 0 <= S_tmin <= S_tmax:
+        raise ValueError(f"need 0 <= S_tmin <= S_tmax (the sigmas where noise is added), got S_tmin = "
+                         f"{S_tmin!r} and S_tmax = {S_tmax!r}")
+    if not 0 < S_noise < np.inf:
+        raise ValueError(f"S_noise must be > 0 and finite (1: the exact noise), got {S_noise!r}")
+
+
+def edm_sample(
+    model_fn: sch.ModelFn,
+    sched: sch.Schedule,
+    x_T,
+    *,
+    timesteps,
+    mean_type: str,
+    var_type: str,
+    second_order: bool = True,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = float("inf"),
+    S_noise: float = 1.0,
+    rng=None,
+    clip_x0: bool = False,
+    record: Sequence[int] = (),
+) -> Samples:
+    """Karras et al. 2022's samplers on increasing ``timesteps`` (:func:`edm_timesteps`): Algorithm 1, Heun's
+    2nd-order method, or Euler's with ``second_order=False``; with ``S_churn`` > 0, Algorithm 2.
+
+    The VP model in their form (Table 1; the ODE of eq. 4 with s(t) = 1): x = x_t / sqrt(a-bar_t) at
+    sigma_t = sqrt((1 - a-bar_t) / a-bar_t), and D(x; sigma_t) the model's x_0 prediction at
+    x_t = x / sqrt(1 + sigma_t^2) and the integer timestep t (eps, x0 or v through the schedule's
+    conversions; clipped to [-1, 1] with ``clip_x0``). With sigma_i the levels of the timesteps, from
+    T - 1 down, and sigma_N = 0, step i is
+
+        d_i = (x_i - D(x_i; sigma_i)) / sigma_i,   x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i      (Euler)
+        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (d_i + d'_i) / 2,  d'_i = (x_{i+1} - D(x_{i+1}; sigma_{i+1}))
+                  / sigma_{i+1}, except at the last step (sigma_N = 0)                            (Heun)
+
+    so N distinct levels cost 2N - 1 model evaluations (Heun) or N (Euler, which is DDIM with eta = 0
+    on the same timesteps). x_T is x_t at T - 1 and is returned as x_0; recorded states are x_t.
+
+    Algorithm 2 first raises the level of x_i to sigma^_i = (1 + gamma_i) sigma_i with
+    gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax (else 0), N the length
+    of ``timesteps``, by adding sqrt(sigma^_i^2 - sigma_i^2) S_noise z with z = normal(fold_in(rng,
+    t_i)) (this module's convention), then steps from sigma^_i. The network is trained at integer
+    timesteps only, and is evaluated only there: sigma^_i is rounded to the level nearest in log
+    sigma (:func:`sigma_to_timestep`), whose sigma is used for both the noise added and the step (a
+    level that rounds onto t_i adds no noise). These levels are chosen on the host: with churn,
+    ``sched`` must be concrete (closed over, not an argument of the jitted function). S_churn = 0
+    traces the deterministic sampler unchanged.
+    """
+    sch.check_types(mean_type, var_type)
+    check_churn(S_churn, S_tmin, S_tmax, S_noise)
+    _check_input(x_T, rng, needs_rng=S_churn > 0)
+    num_steps = len(np.asarray(timesteps))  # the paper's N, repeated levels included
+    steps = _distinct(timesteps, sched.num_timesteps)
+    sigma = sched.sqrt_recipm1_alphas_cumprod[steps]
+    sigma_next = jnp.concatenate([jnp.zeros((1,)), sigma[:-1]])  # sigma_{i+1}: the level below, 0 after t_0
+    level_next = jnp.asarray(np.concatenate([[0], steps[:-1]]), jnp.int32)  # its timestep (unused at i = 0)
+    to_x_t = jnp.concatenate([jnp.ones((1,)), sched.sqrt_alphas_cumprod[steps[:-1]]])  # x_t = sqrt(a-bar) x
+    levels = model_t = jnp.asarray(steps)  # t_i, and the timestep the model is evaluated at
+    churn = S_churn > 0
+    if churn:
+        log_sigma_t = log_sigmas(sched)
+        sigma_t = np.exp(log_sigma_t)
+        gamma = np.where((S_tmin <= sigma_t[steps]) & (sigma_t[steps] <= S_tmax),
+                         min(S_churn / num_steps, np.sqrt(2) - 1), 0.0)
+        hat = np.maximum(sigma_to_timestep(log_sigma_t, (1 + gamma) * sigma_t[steps]), steps)
+        noise_std = jnp.asarray(S_noise * np.sqrt(sigma_t[hat] ** 2 - sigma_t[steps] ** 2), jnp.float32)
+        model_t, sigma_hat = jnp.asarray(hat), sched.sqrt_recipm1_alphas_cumprod[hat]
+    batch = x_T.shape[0]
+
+    def denoise(x, level):
+        t = jnp.full((batch,), level, jnp.int32)
+        return _eps_and_x0(model_fn, sched, x * sched.sqrt_alphas_cumprod[level], t, mean_type=mean_type,
+                           var_type=var_type, clip_x0=clip_x0)[1]
+
+    def step(x_t, state, i):
+        x = x_t * sched.sqrt_recip_alphas_cumprod[levels[i]]  # x_t / sqrt(a-bar_t)
+        sigma_from = sigma[i]
+        if churn:
+            noise = jax.random.normal(jax.random.fold_in(rng, levels[i]), x.shape, x.dtype)
+            x, sigma_from = x + noise_std[i] * noise, sigma_hat[i]
+        denoised = denoise(x, model_t[i])
+        d = (x - denoised) / sigma_from
+        x_next = x + (sigma_next[i] - sigma_from) * d
+        if second_order:
+            def heun(x_next):
+                d_next = (x_next - denoise(x_next, level_next[i])) / sigma_next[i]
+                return x + (sigma_next[i] - sigma_from) * (0.5 * d + 0.5 * d_next)
+
+            x_next = jax.lax.cond(i > 0, heun, lambda x_next: x_next, x_next)
+        return to_x_t[i] * x_next, state, denoised
+
+    return _reverse_loop(step, x_T, steps, record)
 
 
 def ddim_invert(

@@ -26,7 +26,7 @@ import toy_sampler  # noqa: E402, F401  (registers one_step_x0)
 sys.argv[0] = {sample!r}
 runpy.run_path({sample!r}, run_name="__main__")
 """
-BUILT_IN = "ddpm, ddim, dpm_solver++"
+BUILT_IN = "ddpm, ddim, dpm_solver++, euler, heun, heun_churn"
 
 
 @pytest.fixture

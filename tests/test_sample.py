@@ -70,7 +70,8 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     # as a kill mid-write leaves
     (out / "shards" / "000009-000-of-001.npz.tmp-99999").write_bytes(b"half a share")
     result = sample(quickstart_workdir, out, *args)
-    assert "samples: 1000/1000" in result.stdout
+    assert "samples, 5 network evaluations each: 1000/1000" in result.stdout  # DDIM on 5 timesteps
+    assert json.loads((out / "sampling.json").read_text())["network_evaluations"] == 5
     assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
     resumed = np.load(out / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(resumed, expected)
