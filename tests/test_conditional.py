@@ -203,8 +203,12 @@ def test_a_conditional_run_trains_and_draws_a_class_per_column(conditional_workd
 def test_sample_py_draws_the_classes_asked_for(conditional_workdir, tmp_path):
     common = [f"--workdir={conditional_workdir}", "--steps=5"]
     # 30 samples in batches of 16: the last batch's two unused rows still take classes of the model
-    scripts.run("sample.py", *common, f"--out={tmp_path / 'all'}", "--class_label=all", "--guidance=1",
-                "--num_samples=30", "--batch_size=16")
+    result = scripts.run("sample.py", *common, f"--out={tmp_path / 'all'}", "--class_label=all",
+                         "--guidance=1", "--num_samples=30", "--batch_size=16")
+    # 0.9^5 of the EMA is still the initial network: said, with the way out
+    assert ("note: after 5 steps the EMA parameters (optim.ema_decay = 0.9, without optim.ema_warmup) still "
+            "hold 59% of the random initial ones, so their samples may look like noise; sample.py "
+            "--params=raw samples the trained parameters" in result.stdout), result.stdout
     with np.load(tmp_path / "all" / "samples.npz") as f:
         assert f["arr_0"].shape == (30, 16, 16, 1)
         np.testing.assert_array_equal(f["labels"], np.repeat(np.arange(10), 3))

@@ -24,9 +24,6 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     assert "wrote 40 samples" in result.stdout
     settings = json.loads((tmp_path / "sampling.json").read_text())
     assert settings["sample"]["steps"] == 10 and settings["model"].endswith("checkpoints/300 (ema)")
-    # 0.995^300 of the EMA is still the initial network: said, with the way out
-    assert ("note: after 300 steps the EMA parameters (optim.ema_decay = 0.995, without optim.ema_warmup) "
-            "still hold 22% of the random initial ones" in result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("mode, args, files", [
