@@ -90,10 +90,12 @@ def test_the_sliced_wasserstein_mode_scores_a_samples_file_against_a_dataset(tmp
     train = input_pipeline.load("digits", "train", image_size=16, channels=1)
     samples = tmp_path / "samples.npz"
     np.savez(samples, test)
-    cases = (("test", 0, 0.0, len(test)), ("train", 100, pixel_distance(test[:100], train[:100]), 100))
+    # the README's command (all the images), then --num_images
+    first_100 = pixel_distance(test[:100], train[:100])
+    cases = (("test", [], 0.0, len(test)), ("train", ["--num_images=100"], first_100, 100))
     for split, num_images, expected, n in cases:
         result = scripts.run("evaluate.py", "--mode=sliced_wasserstein", f"--samples={samples}",
-                             "--dataset=digits", f"--split={split}", f"--num_images={num_images}")
+                             "--dataset=digits", f"--split={split}", *num_images)
         assert (f"sliced Wasserstein distance between {n} samples and {n} images of digits/{split} "
                 f"(pixel space, lower is better): {expected:.4f}") in result.stdout, result.stdout
         saved = json.loads((tmp_path / "samples_swd.json").read_text())
