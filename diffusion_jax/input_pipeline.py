@@ -477,8 +477,9 @@ def batches(share: Examples | Streamed, start_step: int, *, batch_size: int, see
 class Prefetcher:
     """Yields ``make_batch`` for steps start, start + 1, ... prepared ``depth`` ahead in a thread.
 
-    An exception in the thread ends it and is raised by the ``next`` that would have received
-    its batch, so that the consumer never waits for a batch that cannot come.
+    Any exception in the thread (a SystemExit or KeyboardInterrupt too) ends it and is raised by
+    the ``next`` that would have received its batch, so that the consumer never waits for a batch
+    that cannot come; a ``next`` that finds the thread gone with nothing queued says so.
     """
 
     def __init__(self, images, start_step: int, *, depth: int = 2, **batch_kwargs):
@@ -491,7 +492,7 @@ class Prefetcher:
                 while not self._stop.is_set():
                     self._put(make_batch(images, step, **batch_kwargs))
                     step += 1
-            except Exception as e:  # noqa: BLE001  (handed over whole: __next__ raises it)
+            except BaseException as e:  # noqa: BLE001  (handed over whole: __next__ raises it)
                 self._put(e)
 
         self._thread = threading.Thread(target=work, daemon=True)
@@ -509,8 +510,14 @@ class Prefetcher:
         return self
 
     def __next__(self) -> dict:
-        item = self._queue.get()
-        if isinstance(item, Exception):
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the input thread has stopped without a batch or an error") from None
+        if isinstance(item, BaseException):
             raise item
         return item
 

@@ -225,6 +225,33 @@ def test_an_error_in_the_input_thread_reaches_the_consumer():
                                            "examples")
 
 
+class _Exiting:
+    """Images whose reading raises ``SystemExit`` (a BaseException, not an Exception)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        raise SystemExit(7)
+
+
+def test_a_base_exception_in_the_input_thread_reaches_the_consumer_at_once():
+    prefetch = input_pipeline.Prefetcher(_Exiting(), 0, batch_size=4, seed=0, randflip=False)
+    raised = []
+
+    def consume():  # in a thread of its own, so that a consumer left waiting fails the test, not hangs it
+        try:
+            next(prefetch)
+        except SystemExit as e:
+            raised.append(e.code)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=30)
+    prefetch.close()
+    assert raised == [7]
+
+
 def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_path):
     """The 1,500 training digits cannot fill a batch of 2048: one line, status 2, no workdir."""
     workdir = tmp_path / "run"
