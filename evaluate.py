@@ -35,6 +35,11 @@ samples of each w under OUT/w_W/ (samples.npz with their labels); an interrupted
 after the last complete shard. FID and IS of one guided sample set: sample.py --guidance=W --fid.
 """
 
+from diffusion_jax import interrupts
+
+if __name__ == "__main__":
+    interrupts.stop_at_once()  # a signal while JAX and the modules load: one line, exit by it
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -35,6 +35,11 @@ process 0 assembles samples.npz after a barrier. OUT may be local or gs://; it m
 by all processes, which is checked before sampling.
 """
 
+from diffusion_jax import interrupts
+
+if __name__ == "__main__":
+    interrupts.stop_at_once()  # a signal while JAX and the modules load: one line, exit by it
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -5,6 +5,11 @@ Multi-process runs: --distributed on TPU pods and Slurm (JAX finds the cluster),
 (e.g. a GPU cluster or several local CPU processes).
 """
 
+from diffusion_jax import interrupts
+
+if __name__ == "__main__":
+    interrupts.stop_at_once()  # a signal while JAX and the modules load: one line, exit by it
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -91,9 +91,11 @@ def start(flag_values) -> None:
 def one_line_errors():
     """The project's errors (``errors.Error``) as ``error: <message>`` on stderr and their kind's exit
     status; a run stopped by a signal as ``interrupted by SIGNAL: <what was saved>``, ending by that
-    signal (``interrupts.exit_by``); any other exception, a bug, keeps its traceback."""
+    signal (``interrupts.exit_by``); any other exception, a bug, keeps its traceback. SIGINT raises
+    ``interrupts.Interrupted`` inside (never swallowed: ``interrupts.Signals``)."""
     try:
-        yield
+        with interrupts.Signals((signal.SIGINT,)):
+            yield
     except errors.Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)

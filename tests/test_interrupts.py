@@ -1,8 +1,10 @@
 """SIGINT and SIGTERM end a training run promptly in every phase (``diffusion_jax.interrupts``)."""
 
+import gc
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -35,6 +37,19 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def stopped_at_once(process, signum, sent: float) -> tuple[str, str]:
+    """The checks of a run stopped by ``signum`` before its loop; returns its stdout and stderr."""
+    out, err = process.communicate(timeout=300)
+    elapsed = time.monotonic() - sent
+    assert process.returncode == -signum, err[-3000:]
+    assert elapsed < 5, f"{elapsed:.1f} s from the signal to the end of the process"
+    name = signal.Signals(signum).name
+    assert err.strip().splitlines()[-1].startswith(f"interrupted by {name}: stopped at once"), err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err and "Fatal Python error" not in err, \
+        err[-3000:]
+    return out, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, signum):
     process = start(tmp_path, "--config.train.num_steps=1000", *SLOW_TO_COMPILE)
@@ -42,16 +57,28 @@ def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, 
     time.sleep(1)
     sent = time.monotonic()
     process.send_signal(signum)
-    out, err = process.communicate(timeout=300)
-    elapsed = time.monotonic() - sent
-    assert "compiled and ran the first step" not in out, ("the compilation ended before the signal: the test "
-                                                          "needs a slower one")
-    assert process.returncode == -signum, err[-3000:]
-    assert elapsed < 5, f"{elapsed:.1f} s from the signal to the end of the process"
-    name = signal.Signals(signum).name
-    assert err.strip().splitlines()[-1] == (f"interrupted by {name}: stopped at once; nothing after the last "
-                                            "checkpoint was saved"), err[-3000:]
-    assert "Fatal Python error" not in err and "Traceback" not in err
+    out, err = stopped_at_once(process, signum, sent)
+    assert "compiled and ran the first step" not in out, "the signal was lost: the run trained"
+    assert err.strip().splitlines()[-1] == (f"interrupted by {signal.Signals(signum).name}: stopped at once; "
+                                            "nothing after the last checkpoint was saved")
+    assert not (tmp_path / run_lock.LOCK_FILE).exists()
+    assert saved_steps(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("moment", ["loading modules", "started JAX", "tracing the step"])
+def test_a_signal_at_any_moment_of_the_start_stops_the_run_at_once(tmp_path, moment, signum):
+    process = start(tmp_path, "--config.train.num_steps=1000")
+    if moment == "loading modules":
+        time.sleep(0.3)
+    else:
+        read_until(process, "JAX " if moment == "started JAX" else "compiling the train step")
+    sent = time.monotonic()
+    process.send_signal(signum)
+    out, _ = stopped_at_once(process, signum, sent)
+    if moment == "loading modules":
+        assert out == "", "the signal came after the modules loaded: the test needs an earlier one"
+    assert "compiled and ran the first step" not in out
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
     assert saved_steps(tmp_path) == []
 
@@ -91,3 +118,27 @@ def test_in_the_loop_the_first_signal_is_a_request_and_the_second_stops_at_once(
             time.sleep(5)
         assert stopped.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_raised_inside_a_garbage_collector_callback_is_raised_again_outside(capfd, signum):
+    """JAX's ``_xla_gc_callback`` runs at every collection; a signal handled inside it raised there,
+    Python printed "Exception ignored" and the run went on compiling and training."""
+    def callback(phase, info):
+        if phase == "start":
+            os.kill(os.getpid(), signum)  # the handler runs here, where an exception cannot propagate
+
+    hook = sys.unraisablehook
+    with interrupts.Signals() as signals:
+        gc.callbacks.append(callback)
+        try:
+            with pytest.raises(interrupts.Interrupted) as stopped:
+                gc.collect()
+                gc.callbacks.remove(callback)
+                time.sleep(5)
+        finally:
+            if callback in gc.callbacks:
+                gc.callbacks.remove(callback)
+        assert stopped.value.signum == signum and signals.received == signum
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert sys.unraisablehook is hook  # restored
