@@ -187,7 +187,7 @@ def nll_mode(jax):
                                  data_dir=d.data_dir)
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
-    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config)),
+    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config, evaluation=True)),
                                  builders.make_schedule(config), batch_size=FLAGS.batch_size,
                                  **builders.output_types(config))
     result = bound(params, images, jax.random.PRNGKey(FLAGS.seed), progress=Progress("NLL"))

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import schedule, timestep_sampler
+from diffusion_jax.models import conv
 from diffusion_jax.models.unet import UNet
 
 
@@ -66,12 +67,16 @@ def out_channels(config) -> int:
     return schedule.output_channels(config.data.channels, config.diffusion.var_type)
 
 
-def make_model(config) -> UNet:
+def make_model(config, *, evaluation: bool = False) -> UNet:
+    """The U-Net of ``config.model`` at its ``matmul_precision``; for ``evaluation`` (the NLL bound) at
+    ``conv.EVALUATION_PRECISION``."""
     m = config.model
+    precision = None if m.matmul_precision == "default" else m.matmul_precision
+    precision = conv.EVALUATION_PRECISION if evaluation else precision
     return UNet(ch=m.ch, out_ch=out_channels(config), ch_mult=tuple(m.ch_mult),
                 num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
                 dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,
-                dtype=jnp.dtype(m.dtype))
+                dtype=jnp.dtype(m.dtype), precision=precision)
 
 
 def make_schedule(config) -> schedule.Schedule:

@@ -27,9 +27,12 @@ def base() -> ml_collections.ConfigDict:
                   eval_name=config_dict.placeholder(str))
     # dtype: the network's compute dtype, 'float32' or 'bfloat16' (params, optimizer and EMA stay
     # float32; no loss scaling is needed, see models/unet.py). num_classes K > 0: a class-conditional
-    # network (labels 0..K-1 of the data's classes, K for "no class"), 0: unconditional
+    # network (labels 0..K-1 of the data's classes, K for "no class"), 0: unconditional.
+    # matmul_precision: of the network's float32 convolutions and products in training and sampling,
+    # 'default' (JAX's setting: one bfloat16 pass on TPUs, TF32 on recent NVIDIA GPUs), 'high' or
+    # 'highest' (float32); the NLL bound and the FID Inception always run at 'highest'
     c.model = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
-                   resamp_with_conv=True, num_classes=0, dtype="float32")
+                   resamp_with_conv=True, num_classes=0, dtype="float32", matmul_precision="default")
     # loss_type: 'mse' (L_simple), 'kl' (L_{t-1}), 'rescaled_kl' (improved DDPM's L_vlb = T L_{t-1}) or
     # 'hybrid' (L_simple + hybrid_lambda L_vlb), see losses.py. timestep_sampler: 'uniform' (DDPM) or
     # 'loss-second-moment' (improved DDPM's importance sampling of t, for the bound's losses).
@@ -111,6 +114,8 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     need(m.ch > 0 and all(m.ch * k % 32 == 0 for k in m.ch_mult), "model.ch", m.ch,
          "channel counts ch * ch_mult[i] must be multiples of 32 (GroupNorm's 32 groups)")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "'float32' or 'bfloat16'")
+    need(m.matmul_precision in ("default", "high", "highest"), "model.matmul_precision", m.matmul_precision,
+         "'default', 'high' or 'highest'")
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
     need(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0 (0: unconditional)")
     need(diff.schedule in schedule.SCHEDULES, "diffusion.schedule", diff.schedule,

@@ -242,8 +242,8 @@ def make_evaluators(config, trainer: Trainer, images, heldout: np.ndarray | None
     if e.every and e.nll_images:
         from diffusion_jax.evaluation import likelihood
 
-        bound = likelihood.Evaluator(builders.apply_fn(trainer.model), trainer.sched, batch_size=e.batch_size,
-                                     **builders.output_types(config))
+        bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config, evaluation=True)),
+                                     trainer.sched, batch_size=e.batch_size, **builders.output_types(config))
         found.append(evaluators_lib.Nll(e.every, bound, heldout[:e.nll_images]))
     if e.num_samples:
         n = min(e.num_samples, len(heldout))

@@ -33,13 +33,26 @@ def custom_calls(module_text: str) -> set[str]:
     return set(re.findall(r"custom_call @([\w.$-]+)", module_text))
 
 
-def check_exports(jitted, *args):
-    """Export ``jitted`` at ``args`` for each of PLATFORMS; fail on a custom call they may lack."""
+def check_exports(jitted, *args) -> dict[str, str]:
+    """Export ``jitted`` at ``args`` for each of PLATFORMS; fail on a custom call they may lack. Returns
+    each platform's module as text."""
+    texts = {}
     for platform in PLATFORMS:
         exported = export.export(jitted, platforms=(platform,))(*args)
         assert exported.platforms == (platform,)
-        foreign = custom_calls(exported.mlir_module()) - PORTABLE_TARGETS
+        texts[platform] = exported.mlir_module()
+        foreign = custom_calls(texts[platform]) - PORTABLE_TARGETS
         assert not foreign, f"the {platform} program calls {sorted(foreign)}"
+    return texts
+
+
+def precisions(module_text: str) -> list[str]:
+    """The operand precision of each convolution and dot of a StableHLO module ('DEFAULT' when unset)."""
+    products = [line for line in module_text.splitlines()
+                if re.search(r"= stablehlo\.(convolution|dot_general)\b", line)]
+    assert products, "the module has no convolution or dot"
+    names = [re.findall(r"precision(?:_config)? = \[(?:#stablehlo<precision )?(\w+)", p) for p in products]
+    return [found[0] if found else "DEFAULT" for found in names]
 
 
 def test_the_programs_here_use_onednn_on_the_cpu():
@@ -96,19 +109,34 @@ def test_guided_sampling():
     check_exports(generate, abstract_params(model, 32), key, index, jax.ShapeDtypeStruct((4,), jnp.int32))
 
 
-def test_fid_inception_features():
+def test_fid_inception_features_at_float32_precision_on_every_backend():
     params = jax.eval_shape(inception.random_params)
     extractor = inception.Extractor(params, batch_size=8)
-    check_exports(extractor.apply, {"params": params}, jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8))
+    images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8)
+    for platform, text in check_exports(extractor.apply, {"params": params}, images).items():
+        found = precisions(text)  # 94 convolutions, the logits' dot and the resize's products
+        assert set(found) == {"HIGHEST"} and len(found) >= 95, (platform, len(found), set(found))
 
 
-def test_nll_bound():
+def test_nll_bound_at_float32_precision_on_every_backend():
     c = cifar10.get_config()
-    evaluator = likelihood.Evaluator(builders.apply_fn(builders.make_model(c)), builders.make_schedule(c),
-                                     batch_size=4, **builders.output_types(c))
+    evaluator = likelihood.Evaluator(builders.apply_fn(builders.make_model(c, evaluation=True)),
+                                     builders.make_schedule(c), batch_size=4, **builders.output_types(c))
     params = abstract_params(builders.make_model(c), 32)
-    check_exports(evaluator.bound, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
-                  jax.ShapeDtypeStruct((2,), jnp.uint32))
+    texts = check_exports(evaluator.bound, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+    assert all(set(precisions(text)) == {"HIGHEST"} for text in texts.values())
+
+
+@pytest.mark.parametrize("setting, expected", [("default", "DEFAULT"), ("highest", "HIGHEST")])
+def test_the_training_networks_precision_is_the_configs(setting, expected):
+    c = cifar10.get_config()
+    c.model.matmul_precision = setting
+    model = builders.make_model(c)
+    x, t = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    texts = check_exports(forward, abstract_params(model, 32), x, t)
+    assert set(precisions(texts["tpu"])) == {expected}
 
 
 @pytest.mark.parametrize("config, batch_leaves", [("cifar10", 1), ("cifar10_cond", 2)])

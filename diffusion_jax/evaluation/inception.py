@@ -313,7 +313,8 @@ class Extractor:
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self.params, self.data = params, NamedSharding(mesh, P("data"))
         # the jitted network: (variables, uint8 [batch, H, W, 3]) -> (pool, logits)
-        self.apply = jax.jit(InceptionV3().apply, in_shardings=(NamedSharding(mesh, P()), self.data),
+        self.apply = jax.jit(jax.default_matmul_precision(conv.EVALUATION_PRECISION)(InceptionV3().apply),
+                             in_shardings=(NamedSharding(mesh, P()), self.data),
                              out_shardings=self.data)
 
     def __call__(self, images: np.ndarray, progress=None):

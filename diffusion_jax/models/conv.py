@@ -21,6 +21,10 @@ from jax import lax
 
 from diffusion_jax.models import onednn
 
+# the jax.default_matmul_precision of every evaluation network (the FID Inception, the U-Net in the
+# NLL bound): float32 products on every backend, so that FID, IS and bits/dim do not depend on it
+EVALUATION_PRECISION = "highest"
+
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):

@@ -25,7 +25,9 @@ parameter, and takes no labels.
 where a config asks for it); parameters, normalization statistics and the output stay
 float32, and so do the loss, the gradients' accumulation into float32 params, Adam and the
 EMA. bfloat16 needs no loss scaling: it has float32's 8-bit exponent, so small gradients do
-not underflow as in float16.
+not underflow as in float16. ``precision``, if set, is the ``jax.default_matmul_precision`` of
+those float32 operations ('highest': float32 on every backend; None: JAX's setting, which on a
+TPU rounds their operands to bfloat16 and on recent NVIDIA GPUs to TF32).
 """
 
 from __future__ import annotations
@@ -159,14 +161,21 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     num_classes: int = 0  # K > 0: class-conditional, labels y in [0, K], K meaning "no class"
     dtype: Any = jnp.float32
+    precision: str | None = None  # jax.default_matmul_precision's name, None: JAX's setting
 
     @property
     def null_label(self) -> int:
         """The "no class" label of a class-conditional network: K, after the classes 0..K-1."""
         return self.num_classes
 
-    @nn.compact
     def __call__(self, x, t, y=None, *, train: bool = False):
+        if self.precision is None:
+            return self.network(x, t, y, train=train)
+        with jax.default_matmul_precision(self.precision):
+            return self.network(x, t, y, train=train)
+
+    @nn.compact
+    def network(self, x, t, y=None, *, train: bool = False):
         B, S, S2, _ = x.shape
         levels = len(self.ch_mult)
         if S != S2 or S % 2 ** (levels - 1):
