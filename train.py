@@ -10,6 +10,8 @@ from diffusion_jax import interrupts
 if __name__ == "__main__":
     interrupts.stop_at_once()  # a signal while JAX and the modules load: one line, exit by it
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,9 +30,18 @@ flags.DEFINE_bool("dry_run", False, "check the run and exit: join the processes,
                   "the resolved config (every key), the data with its size and classes, the workdir's state "
                   "(writable and shared by every process; its checkpoints) and the parameter count; nothing "
                   "is trained or saved")
+flags.DEFINE_string("compile_for", None, "compile the config's train step for this TPU slice, e.g. "
+                    "v3:2x2, v4:2x2x1, v5e:2x4 or v6e:4x4 (GENERATION:TOPOLOGY), on any host with libtpu "
+                    "(pip install 'jax[tpu]'), no TPU needed; print per device the memory against its HBM, "
+                    "the FLOPs per step and projected step times, then exit; --workdir is not needed")
+flags.DEFINE_bool("find_batch", False, "with --compile_for: find the largest global batch that fits, by "
+                  "compiling at doubling, then bisected, batch sizes")
 launch.define_distributed_flags()
 flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not only --helpfull
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(["workdir", "compile_for"],
+                                     lambda given: given["workdir"] or given["compile_for"],
+                                     "--workdir is required (except with --compile_for)")
 
 
 def main(argv):
@@ -39,14 +50,38 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # progress goes to the console; libraries' INFO only on request
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.compile_for:  # the slice's devices come from libtpu; this host's accelerators are left alone,
+        import jax  # and libtpu's one-process lock too (a run may be training on them)
+
+        jax.config.update("jax_platforms", "cpu")
+        os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     launch.start(FLAGS)
     from diffusion_jax import train_lib
 
     with launch.one_line_errors():
+        if FLAGS.compile_for:
+            return compile_for(train_lib)
         if FLAGS.dry_run:
             return train_lib.dry_run(launch.config(FLAGS), FLAGS.workdir)
         train_lib.train_and_evaluate(launch.config(FLAGS), FLAGS.workdir, take_over_lock=FLAGS.take_over_lock,
                                      allow_config_change=FLAGS.allow_config_change)
+
+
+def compile_for(train_lib):
+    """--compile_for: the fit of the train step on a TPU slice, or with --find_batch the largest batch."""
+    config = launch.config(FLAGS)
+    devices = train_lib.tpu_devices(FLAGS.compile_for)
+    if not FLAGS.find_batch:
+        return train_lib.print_tpu_compile(train_lib.compile_for_tpu(config, FLAGS.compile_for, devices))
+
+    def fits(batch_size: int) -> bool:
+        compiled = train_lib.compile_for_tpu(config, FLAGS.compile_for, devices, batch_size)
+        train_lib.print_tpu_compile(compiled)
+        return compiled.fits
+
+    largest = train_lib.largest_batch(fits, config.train.batch_size, len(devices))
+    print(f"largest global batch that fits {FLAGS.compile_for}: "
+          + (f"{largest}" if largest else "none (one image per device does not fit)"))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -37,6 +38,7 @@ from diffusion_jax import (
     builders,
     checkpoints,
     guidance,
+    host_tensorflow,
     image_io,
     input_pipeline,
     interrupts,
@@ -50,7 +52,7 @@ from diffusion_jax import (
 )
 from diffusion_jax import config as config_lib
 from diffusion_jax.builders import TrainState
-from diffusion_jax.errors import NonFiniteError, StorageError
+from diffusion_jax.errors import ConfigError, NonFiniteError, StorageError
 from diffusion_jax.evaluation import evaluators as evaluators_lib
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.progress import console, duration
@@ -114,14 +116,15 @@ def train_step(state: TrainState, batch, rng, *, model: UNet, sched: schedule.Sc
 
 
 class Trainer:
-    """The compiled pieces of a run on a mesh: state init, train step and sampling."""
+    """The compiled pieces of a run on a mesh of ``devices`` (default: all): state init, train step and
+    sampling."""
 
-    def __init__(self, config):
+    def __init__(self, config, devices=None):
         self.config = config
         self.model = builders.make_model(config)
         self.sched = builders.make_schedule(config)
         self.tx = builders.make_optimizer(config)
-        self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         # runs once: XLA's backend optimizes the random draws less; the same values, ~3 s of 10 sooner
@@ -362,6 +365,129 @@ def dry_run(config, workdir: str) -> None:
     console(f"network: {count:,} parameters; {t.num_steps} steps of {t.batch_size} images over "
             f"{jax.device_count()} device(s)")
     console("dry run complete: nothing was trained or saved")
+
+
+class TpuChip(NamedTuple):
+    hbm_gib: float  # HBM per chip
+    cores: int  # TensorCores per chip
+    peak_flops: float  # bfloat16 FLOP/s per chip
+
+
+# Each generation as Google Cloud lists it (cloud.google.com/tpu/docs/v2, v3, v4, v5e, v5p, v6e), keyed by
+# JAX's device_kind. A JAX device is a chip or one TensorCore of it (``device.num_cores`` of them), so
+# a device has num_cores / cores of the chip's HBM and peak.
+TPU_CHIPS = {"TPU v2": TpuChip(16, 2, 45e12), "TPU v3": TpuChip(32, 2, 123e12),
+             "TPU v4": TpuChip(32, 2, 275e12), "TPU v5 lite": TpuChip(16, 1, 197e12),
+             "TPU v5": TpuChip(95, 2, 459e12), "TPU v6 lite": TpuChip(32, 1, 918e12)}
+MFUS = (0.4, 0.6)  # the model FLOP utilizations at which a step time is projected
+
+
+class TpuCompile(NamedTuple):
+    """The train step compiled for a TPU slice: per-device bytes and FLOPs (the compiler's), the
+    device's HBM and peak (``TPU_CHIPS``), the compile's seconds on this host."""
+    topology: str
+    device_kind: str
+    num_devices: int
+    batch_size: int
+    arguments: int
+    outputs: int
+    aliased: int
+    temporary: int
+    code: int
+    flops: float
+    hbm: float
+    peak_flops: float
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        """Bytes a device holds during the step: arguments, outputs not written over a donated argument,
+        temporaries and the program."""
+        return self.arguments + self.outputs - self.aliased + self.temporary + self.code
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of the TPU slice ``topology`` (e.g. ``v5e:2x4``), from libtpu, on any host; libtpu's
+    warnings of a host without TPUs go to the debug log."""
+    from jax.experimental import topologies
+
+    with host_tensorflow.stderr_to_log("libtpu"):
+        try:
+            return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        except RuntimeError as caught:  # libtpu missing ("TPU support not installed") or an unknown name
+            e = caught
+    if "not installed" in str(e):
+        raise ConfigError(f"--compile_for={topology} needs libtpu, JAX's TPU compiler: pip install "
+                          "'jax[tpu]' (the project's tpu extra, see docs/pods.md)") from e
+    said = str(e).splitlines()[0]
+    if "INVALID_ARGUMENT" in said:
+        raise ConfigError(f"--compile_for={topology}: libtpu knows no such TPU slice ({said}); name one as "
+                          "GENERATION:TOPOLOGY, e.g. v3:2x2, v4:2x2x1, v5e:2x4, v6e:4x4") from e
+    raise ConfigError(f"--compile_for={topology}: libtpu could not describe the slice: {said}") from e
+
+
+def compile_for_tpu(config, topology: str, devices, batch_size: int | None = None) -> TpuCompile:
+    """``config``'s train step, at global ``batch_size`` (default the config's), compiled by XLA:TPU for
+    ``devices`` (``tpu_devices(topology)``) as one program over all of them, as a slice of any number
+    of hosts runs it; nothing is allocated or run."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.batch_size = batch_size or config.train.batch_size
+    hosts = len({d.process_index for d in devices})
+    config_lib.validate(config, len(devices), hosts)
+    trainer = Trainer(config, devices)
+    d = config.data
+    shape = (config.train.batch_size, d.image_size, d.image_size, d.channels)
+    image = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=trainer.data_sharding)
+    batch = {"image": image}
+    if config.model.num_classes:
+        batch["label"] = jax.ShapeDtypeStruct(image.shape[:1], jnp.int32, sharding=trainer.data_sharding)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
+    start = time.perf_counter()
+    compiled = trainer.step.lower(trainer.abstract_state(), batch, rng).compile()
+    seconds = time.perf_counter() - start
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    kind = devices[0].device_kind
+    chip = TPU_CHIPS.get(kind)
+    share = devices[0].num_cores / chip.cores if chip else float("nan")
+    return TpuCompile(topology, kind, len(devices), config.train.batch_size, memory.argument_size_in_bytes,
+                      memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
+                      memory.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
+                      chip.hbm_gib * 2 ** 30 * share if chip else float("nan"),
+                      chip.peak_flops * share if chip else float("nan"), seconds)
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, unit: int) -> int | None:
+    """The largest multiple of ``unit`` for which ``fits`` holds, assuming it holds up to some size and
+    not beyond: doubling from ``start`` until it fails, then bisecting. None if ``unit`` does not fit."""
+    low, high = 0, max(unit, start // unit * unit)
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > unit:
+        middle = (low + high) // 2 // unit * unit
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low or None
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def print_tpu_compile(r: TpuCompile) -> None:
+    """The lines of ``train.py --compile_for``."""
+    console(f"{r.topology} ({r.num_devices} x {r.device_kind}), global batch {r.batch_size}: compiled in "
+            f"{r.seconds:.0f} s")
+    console(f"  per device: arguments {_bytes(r.arguments)}, outputs {_bytes(r.outputs)} "
+            f"({_bytes(r.aliased)} of them in donated arguments), temporaries {_bytes(r.temporary)}, "
+            f"program {_bytes(r.code)}")
+    console(f"  total {_bytes(r.total)} of the device's {_bytes(r.hbm)} HBM: "
+            + ("fits" if r.fits else "does NOT fit"))
+    times = ", ".join(f"{r.flops / (mfu * r.peak_flops) * 1e3:.3g} ms at {mfu:.0%} MFU" for mfu in MFUS)
+    console(f"  {r.flops / 1e9:.1f} GFLOP per device per step; projected step time (not measured): {times} "
+            f"of the device's {r.peak_flops / 1e12:.1f} TFLOP/s bfloat16 peak")
 
 
 def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_over_lock: bool,
