@@ -37,6 +37,19 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def wait_for_handler(process, signum, timeout=60):
+    """Wait until ``process`` catches ``signum`` (Linux's /proc/PID/status SigCgt mask): for SIGTERM,
+    until the entry point's first lines have run ``interrupts.stop_at_once``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{process.pid}/status") as status:
+            caught = int(next(line for line in status if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the process did not catch {signal.Signals(signum).name} within {timeout} s")
+
+
 def stopped_at_once(process, signum, sent: float) -> tuple[str, str]:
     """The checks of a run stopped by ``signum`` before its loop; returns its stdout and stderr."""
     out, err = process.communicate(timeout=300)
@@ -70,7 +83,7 @@ def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, 
 def test_a_signal_at_any_moment_of_the_start_stops_the_run_at_once(tmp_path, moment, signum):
     process = start(tmp_path, "--config.train.num_steps=1000")
     if moment == "loading modules":
-        time.sleep(0.3)
+        wait_for_handler(process, signal.SIGTERM)  # SIGINT is caught from the interpreter's start
     else:
         read_until(process, "JAX " if moment == "started JAX" else "compiling the train step")
     sent = time.monotonic()
