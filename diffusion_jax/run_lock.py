@@ -98,6 +98,13 @@ class RunLock:
         if self._create():
             return
         owner = self._read() or {}
+        if not owner:  # empty or not JSON: nobody to wait for, nothing to say of its age
+            if not take_over:
+                raise StorageError(f"{self.path} names no run: it is empty or damaged (a run killed while "
+                                   "writing it?); if no run uses this workdir, add --take_over_lock")
+            print(f"taking over {self.path}, which names no run", flush=True)
+            storage.write_bytes(self.path, json.dumps(self.owner).encode())
+            return
         gone, stale = is_gone(owner), is_stale(owner)
         if not (gone or stale and take_over):
             advice = (f"it was not refreshed for {STALE_AFTER_SECONDS // 60} minutes: if that run is gone, "

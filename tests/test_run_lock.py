@@ -62,6 +62,18 @@ def test_a_stale_lock_of_another_host_is_taken_over_only_when_asked(tmp_path, ca
     assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["run_id"] == "third"
 
 
+@pytest.mark.parametrize("text", ["", "{\"host\": ", "not json"])
+def test_a_lock_file_that_names_no_run_says_so_and_is_taken_over_when_asked(tmp_path, capsys, text):
+    (tmp_path / run_lock.LOCK_FILE).write_text(text)
+    with pytest.raises(StorageError) as refused:
+        run_lock.RunLock(storage.path(str(tmp_path)))
+    assert str(refused.value) == (f"{tmp_path / run_lock.LOCK_FILE} names no run: it is empty or damaged "
+                                  "(a run killed while writing it?); if no run uses this workdir, add "
+                                  "--take_over_lock")
+    run_lock.RunLock(storage.path(str(tmp_path)), take_over=True).release()
+    assert "which names no run" in capsys.readouterr().out
+
+
 def snapshot(directory):
     """The finished checkpoints' files under ``directory``, by relative path; the files of a save in
     progress (Orbax's ``*.orbax-checkpoint-tmp*`` directories) come and go, so are left out."""
