@@ -61,12 +61,13 @@ def check_resume_settings(config, saved_config: dict, allow_config_change: bool)
 
 
 def check_resume_compatible(config, saved_config: dict) -> None:
-    """Refuse to resume a checkpoint whose network differs from the config's."""
+    """Refuse a checkpoint whose network differs from the config's (a CheckpointError, status 5: the
+    checkpoint is not the network's), or whose timestep sampler does (a ConfigError)."""
     ours, theirs = config_lib.flatten(config), config_lib.flatten(saved_config)
     differing = [f"{k} ({theirs[k]!r} in the checkpoint, {ours[k]!r} now)" for k in NETWORK_KEYS
                  if ours[k] != theirs[k]]
     if differing:
-        raise ConfigError("the workdir's checkpoint was made with a different network: "
+        raise CheckpointError("the workdir's checkpoint was made with a different network: "
                           + ", ".join(differing) + "; use a new --workdir or the checkpoint's settings")
     theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # a config without the key: uniform
     if config.diffusion.timestep_sampler != theirs:

@@ -76,7 +76,7 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
 
 
 @pytest.mark.parametrize("args, message, status", [
-    ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network", 2),
+    ([f"--config={scripts.ROOT}/configs/quickstart.py", "--config.model.ch=64"], "different network", 5),
     (["--sampler=ddpm", "--eta=0.5"], "sample.eta", 2),
     (["--sampler=dpm_solver++", "--spacing=quad"], "one of logSNR, time_uniform, time_quadratic with sampler",
      2),
