@@ -6,13 +6,17 @@ BIN := $(VENV)/bin
 # computes while the other compiles or starts a subprocess).
 TEST_WORKERS ?= 2
 
-.PHONY: run test lint install bench compare clean
+.PHONY: run test test-fast lint install bench compare clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python train.py --config=configs/quickstart.py --workdir=out/quickstart
 
 test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+# the unit tier (pyproject.toml's markers): in-process tests, for the inner loop
+test-fast: lint
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m unit
 
 # ruff at the settings of pyproject.toml; part of make test (and so of CI)
 lint: $(VENV)/.test

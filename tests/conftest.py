@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules."""
 
+import subprocess
+
 import pytest
 import scripts
 import triton  # noqa: F401  (before TensorFlow: see below)
@@ -21,9 +23,18 @@ ONE_WORKER = {"quickstart_workdir": "quickstart", "fid_files": "quickstart", "re
               "extractor": "fid-extractor", "conditional_workdir": "conditional"}
 
 
+TIERS = ("integration", "slow", "parity")  # pyproject.toml's markers; a test of none is a unit test
+# fixtures that start processes (a training run, the GCS emulator, pip): their tests are integration tests
+PROCESS_FIXTURES = ("quickstart_workdir", "conditional_workdir", "reference", "bucket", "libtpu")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     for item in items:
+        if any(name in PROCESS_FIXTURES for name in item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
         groups = sorted({ONE_WORKER[name] for name in item.fixturenames if name in ONE_WORKER})
         if len(groups) > 1:
             raise ValueError(f"{item.nodeid} needs the fixtures of the groups {groups}: make them one in "
@@ -43,6 +54,18 @@ def tests_in_their_worker_groups(request):
             pytest.fail(f"pytest-xdist did not put {item.nodeid} in its group {group!r}, so the group's "
                         "fixtures would be built on every worker: pytest 9.2 with pytest-xdist 3.8 does that "
                         "(pytest-dev/pytest-xdist#1386); install requirements-test.txt")
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    """In the unit tier (``-m unit``, make test-fast) a test that starts a process fails, naming the
+    mark it needs: the tier stays quick and in-process however the tests change."""
+    if request.node.get_closest_marker("unit") and "unit" in (request.config.option.markexpr or ""):
+        def refuse(self, args, *rest, **options):
+            pytest.fail(f"{request.node.nodeid} starts a process ({args!r}): mark it "
+                        "@pytest.mark.integration")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")

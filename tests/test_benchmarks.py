@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import scripts
 
 from benchmarks import accelerator
 
 
+@pytest.mark.integration
 def test_accelerator_benchmark_runs_its_tiny_configuration_on_the_cpu(tmp_path):
     out = tmp_path / "accelerator.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--reps", "2", "--json",
@@ -49,6 +51,7 @@ def test_the_256_network_is_measured_at_the_largest_batch_that_fits(monkeypatch)
     assert accelerator.measure_256(args) == failure  # other errors are not retried
 
 
+@pytest.mark.integration
 def test_the_train_step_runs_one_all_reduce_of_the_gradients():
     """Data parallelism over 8 devices: one collective a step, carrying the gradients (and the loss)."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.collectives", "--config=tests/tiny_config.py",

@@ -5,9 +5,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 from scripts import ROOT
 
 from diffusion_jax import input_pipeline, losses, train_lib
+
+pytestmark = pytest.mark.slow
 
 
 def tiny_config(dtype):

@@ -9,6 +9,8 @@ import scripts
 from diffusion_jax import builders, checkpoints, convert
 from diffusion_jax import config as config_lib
 
+pytestmark = pytest.mark.integration
+
 QUICKSTART = f"--config={scripts.ROOT}/configs/quickstart.py"
 
 

@@ -40,6 +40,7 @@ def test_the_class_embedding_is_the_only_new_parameter():
     assert count(UNet(**PRESETS["ddpm_cifar10"], num_classes=10), 32) == 35_751_939 == 35_746_307 + 11 * 512
 
 
+@pytest.mark.slow
 def test_the_network_checks_its_labels():
     x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,), jnp.int32)
     tiny = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
@@ -144,6 +145,7 @@ def test_a_conditional_network_needs_data_with_as_many_classes(tmp_path):
     (["--config.model.num_classes=5"], "model.num_classes = 5, but 'digits' has 10 classes"),
     ([*CONDITIONAL, "--config.diffusion.cond_drop_prob=1.0"], "diffusion.cond_drop_prob"),
 ])
+@pytest.mark.integration
 def test_bad_conditional_settings_are_refused_before_training(tmp_path, overrides, message):
     result = scripts.run("train.py", TINY, f"--workdir={tmp_path}", *overrides, expect=2)
     assert message in result.stderr, result.stderr[-2000:]
@@ -174,6 +176,7 @@ def final_params(workdir, config) -> list[np.ndarray]:
     return [np.asarray(p) for p in jax.tree_util.tree_leaves(state.params)]
 
 
+@pytest.mark.integration
 def test_one_and_eight_devices_train_the_same_conditional_parameters(tmp_path):
     """The labels are sharded with their images, and the dropped ones drawn from the step's key alone."""
     import importlib.util
@@ -276,6 +279,7 @@ def recognised(classifier, out) -> float:
     return digit_classes.recognised(classifier, out / "samples.npz")
 
 
+@pytest.mark.integration
 def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, tmp_path):
     """configs/quickstart_cond.py trained as the README runs it (its grids and figure left out): at w = 1
     at least 80% of 100 samples per digit are recognised as that digit by a classifier of real digits."""

@@ -221,6 +221,7 @@ def test_convolutions_that_xla_runs_at_once_do_not_share_a_scratchpad():
 
 @needs_onednn
 @pytest.mark.parametrize("weight_gradient", ["onednn", "xla"])  # the AVX-512 CPUs' choice, and AVX2's here
+@pytest.mark.slow
 def test_the_unet_convolves_through_onednn_and_matches_xla(monkeypatch, weight_gradient):
     monkeypatch.setattr(onednn, "onednn_weight_gradient", lambda x_size: weight_gradient == "onednn")
     model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
@@ -259,6 +260,7 @@ def test_the_inception_convolves_through_onednn():
     assert hlo.count("@onednn_conv_forward(") == len(kernels) == 94 and "convolution" not in hlo
 
 
+@pytest.mark.integration
 def test_a_program_over_several_devices_keeps_xla_convolutions():
     # A custom call carries no partitioning rule: sharded programs keep XLA's convolutions.
     code = ("from diffusion_jax.models import onednn\n"

@@ -15,6 +15,8 @@ from diffusion_jax import convert, errors
 from diffusion_jax.models.peer_configs import DIFFUSERS_CIFAR10
 from diffusion_jax.models.unet import UNet
 
+pytestmark = pytest.mark.parity
+
 CIFAR10 = DIFFUSERS_CIFAR10
 # a small network with a learned-variance head (2C outputs)
 SMALL = dict(CIFAR10, sample_size=16, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),

@@ -9,6 +9,8 @@ import scripts
 
 from diffusion_jax import checkpoints, errors, storage, train_lib
 
+pytestmark = pytest.mark.integration
+
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 

@@ -16,6 +16,8 @@ from flax import traverse_util
 
 from diffusion_jax.evaluation import inception
 
+pytestmark = pytest.mark.integration
+
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 

@@ -48,6 +48,7 @@ def train(workdir, *args):
     (["--config=configs/cifar100.py"],
      "error: --config=configs/cifar100.py: cannot load it: [Errno 2] No such file"),
 ])
+@pytest.mark.integration
 def test_bad_config_flags_are_one_line_with_status_2(tmp_path, args, message):
     line = one_line_error(train(tmp_path / "run", *args), 2)
     assert line.startswith(message), line
@@ -68,6 +69,7 @@ def mounted_tmpfs(directory, options):
         subprocess.run(["umount", str(directory)], check=True)
 
 
+@pytest.mark.integration
 def test_a_read_only_workdir_is_a_storage_error_before_anything_runs(tmp_path):
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
         line = one_line_error(train(read_only / "run", f"--config={TINY}"), 4)
@@ -123,6 +125,7 @@ ENTRY_POINT_ERRORS = {
 
 @pytest.mark.parametrize("onednn", ["as TensorFlow chooses", "1"])
 @pytest.mark.parametrize("entry_point", ENTRY_POINT_ERRORS)
+@pytest.mark.integration
 def test_an_entry_points_error_is_one_line_on_any_cpu(tmp_path, entry_point, onednn):
     args, status, start = ENTRY_POINT_ERRORS[entry_point]
     (tmp_path / "samples.npz").write_text("not arrays\n")
@@ -164,6 +167,7 @@ def test_only_the_projects_errors_are_shortened():
     assert [kind.exit_status for kind in kinds] == [2, 3, 4, 5, 6]
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_stay(tmp_path):
     """30 MB hold two checkpoints of the tiny run (~11 MB each), not three."""
     with mounted_tmpfs(tmp_path / "small", "size=30m") as small:

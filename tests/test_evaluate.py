@@ -12,6 +12,8 @@ from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation.sliced_wasserstein import pixel_distance
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def fid_files(tmp_path_factory):

@@ -22,6 +22,7 @@ def fid_of(extractor, a, b):
     return fid.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
 
 
+@pytest.mark.slow
 def test_fid_ranks_a_shifted_copy_farther_than_another_half_of_the_same_set(extractor):
     digits = input_pipeline.digits("train")[:200]
     half_a, half_b = digits[:100], digits[100:]
@@ -49,6 +50,7 @@ def bfloat16_inputs(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_one_bfloat16_pass_would_move_the_features_and_the_fid(extractor):
     """What evaluating at 'highest' precision protects: a TPU's default for float32 products, one
     bfloat16 pass (operands rounded to bfloat16, float32 accumulation), emulated here. On 2 x 100
@@ -135,6 +137,7 @@ def test_weights_of_another_network_are_refused(tmp_path):
     (np.zeros((4, 8, 8), np.uint8), "shape (4, 8, 8)"),
     (np.zeros((4, 8, 8, 4), np.uint8), "shape (4, 8, 8, 4)"),
 ])
+@pytest.mark.integration
 def test_sample_files_must_be_uint8_nhwc(tmp_path, array, problem):
     np.savez(tmp_path / "s.npz", array)
     with pytest.raises(ValueError, match="must be uint8 images"):

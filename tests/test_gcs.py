@@ -11,11 +11,14 @@ import os
 
 import gcs_emulator
 import numpy as np
+import pytest
 import scripts
 from flax import traverse_util
 from gcs_emulator import download, objects, upload
 
 from diffusion_jax.evaluation import inception
+
+pytestmark = pytest.mark.integration
 
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 

@@ -8,6 +8,8 @@ from pytorch_fid import inception as pytorch_fid_inception
 
 from diffusion_jax.evaluation import fid, inception
 
+pytestmark = pytest.mark.parity
+
 
 def random_state_dict(seed=0):
     """A random FID-Inception state dict: conv weights at fan-in scale, BatchNorm statistics and fc random."""

@@ -64,6 +64,7 @@ def stopped_at_once(process, signum, sent: float) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.integration
 def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, signum):
     process = start(tmp_path, "--config.train.num_steps=1000", *SLOW_TO_COMPILE)
     read_until(process, "compiling the train step")
@@ -80,6 +81,7 @@ def test_a_signal_while_the_train_step_compiles_stops_the_run_at_once(tmp_path, 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("moment", ["loading modules", "started JAX", "tracing the step"])
+@pytest.mark.integration
 def test_a_signal_at_any_moment_of_the_start_stops_the_run_at_once(tmp_path, moment, signum):
     process = start(tmp_path, "--config.train.num_steps=1000")
     if moment == "loading modules":
@@ -96,6 +98,7 @@ def test_a_signal_at_any_moment_of_the_start_stops_the_run_at_once(tmp_path, mom
     assert saved_steps(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_sigint_in_training_saves_the_current_step_and_the_same_command_resumes_from_it(tmp_path):
     overrides = ("--config.train.num_steps=100000",)
     process = start(tmp_path, *overrides)

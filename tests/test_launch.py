@@ -19,6 +19,7 @@ def test_a_cpu_backend_on_a_host_with_an_accelerator_is_warned_of():
     assert launch.cpu_warning("cpu", signs) is None
 
 
+@pytest.mark.integration
 def test_each_entry_point_prints_the_startup_line_before_its_work(tmp_path):
     missing = tmp_path / "none.npz"
     result = scripts.run("evaluate.py", "--mode=fid", f"--samples={missing}", devices=2, expect=6)
@@ -29,6 +30,7 @@ def test_each_entry_point_prints_the_startup_line_before_its_work(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py"])
+@pytest.mark.integration
 def test_help_shows_the_multi_process_flags_and_the_examples_as_written(script):
     shown = scripts.run(script, "--help", expect=1).stdout  # absl's --help exits with status 1
     for flag in ("--[no]distributed", "--coordinator_address", "--num_processes", "--process_id"):

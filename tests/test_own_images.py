@@ -13,6 +13,8 @@ from test_errors import one_line_error
 
 from diffusion_jax import prepare_data
 
+pytestmark = pytest.mark.integration
+
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 

@@ -20,6 +20,8 @@ import scripts
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+pytestmark = pytest.mark.integration
+
 XLA_LINE = "the CPU convolutions will be XLA's"  # setup.py's line when it builds without oneDNN
 # prints the file of each module named in its arguments, imported in turn
 IMPORT_EACH = ("import importlib, json, sys\n"

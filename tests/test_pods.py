@@ -17,6 +17,8 @@ import pytest
 import scripts
 from gcs_emulator import objects
 
+pytestmark = pytest.mark.integration
+
 DOC = pathlib.Path(scripts.ROOT, "docs", "pods.md")
 SBATCH = pathlib.Path(scripts.ROOT, "examples", "slurm.sbatch")
 

@@ -140,6 +140,7 @@ def test_the_training_networks_precision_is_the_configs(setting, expected):
 
 
 @pytest.mark.parametrize("config, batch_leaves", [("cifar10", 1), ("cifar10_cond", 2)])
+@pytest.mark.integration
 def test_train_step_over_eight_devices_keeps_its_shardings_and_donation(config, batch_leaves):
     """The CIFAR-10 train step of ``Trainer`` on a Mesh('data') of 8 CPU devices (a subprocess); of the
     class-conditional network, the labels sharded as the images."""

@@ -49,6 +49,7 @@ def sample_with_toy(tmp_path, *args, expect=0):
     return scripts.run(str(wrapper), *args, expect=expect)
 
 
+@pytest.mark.integration
 def test_sample_py_takes_a_registered_sampler_by_name(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "samples"
     result = sample_with_toy(tmp_path, f"--workdir={workdir}", f"--out={out}", "--sampler=one_step", expect=2)

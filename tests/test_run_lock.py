@@ -41,6 +41,7 @@ def dead_pid():
     return process.pid
 
 
+@pytest.mark.integration
 def test_the_lock_of_a_process_gone_from_this_host_is_taken_over(tmp_path, capsys):
     lock_file(tmp_path, pid=dead_pid())  # a crash, kill -9: a restart resumes the run
     run_lock.RunLock(storage.path(str(tmp_path))).release()
@@ -82,6 +83,7 @@ def snapshot(directory):
             if ".orbax-checkpoint-tmp" not in name}
 
 
+@pytest.mark.integration
 def test_a_second_run_on_a_workdir_is_refused_and_changed_settings_need_a_flag(tmp_path):
     """While a run trains, another on its workdir stops before writing (the first run's checkpoints
     stay byte for byte); resumed later with another learning rate, the run lists the difference and

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import scripts
 
+pytestmark = pytest.mark.integration
+
 
 def sample(workdir, out, *args, expect=0):
     return scripts.run("sample.py", f"--workdir={workdir}", f"--out={out}", *args, expect=expect)

@@ -12,6 +12,8 @@ from diffusion_jax import analytic
 from diffusion_jax import samplers as SM
 from diffusion_jax import schedule as S
 
+pytestmark = pytest.mark.parity
+
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 

@@ -6,6 +6,8 @@ from diffusers import DDPMScheduler
 
 from diffusion_jax import schedule as S
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.mark.parametrize(
     "ours, theirs", [("linear", "linear"), ("quad", "scaled_linear"), ("cosine", "squaredcos_cap_v2")]

@@ -18,12 +18,14 @@ TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
     ("sample.py", ["--workdir=memory://run", "--out=out"], "memory:// is not a filesystem"),
     ("evaluate.py", ["--mode=fid", "--samples=ftp://host/samples.npz"], "ftp:// is not a filesystem"),
 ])
+@pytest.mark.integration
 def test_a_scheme_that_cannot_be_opened_is_an_error_before_writing(tmp_path, script, args, message):
     result = scripts.run(script, *args, expect=4, cwd=tmp_path)
     assert message in result.stderr, result.stderr[-2000:]
     assert scripts.local_files(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_a_workdir_that_is_a_file_is_an_error(tmp_path):
     (tmp_path / "run").write_text("")
     result = scripts.run("train.py", f"--config={TINY}", f"--workdir={tmp_path / 'run'}", expect=4)

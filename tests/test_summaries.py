@@ -4,6 +4,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 import scripts
 from etils import epath
 from PIL import Image
@@ -17,6 +18,7 @@ from diffusion_jax import summaries
 TINY = os.path.join(scripts.ROOT, "tests", "tiny_config.py")
 
 
+@pytest.mark.integration
 def test_a_run_logs_scalars_loss_by_timestep_quarter_grids_as_images_hparams_and_a_profile(tmp_path):
     result = scripts.run("train.py", f"--config={TINY}", f"--workdir={tmp_path}",
                          "--config.train.num_steps=4", "--config.train.log_every=2",

@@ -53,12 +53,14 @@ def test_an_unknown_slice_is_a_one_line_error(libtpu, topology, message):
     assert err.startswith(f"error: --compile_for={topology}: {message}"), err
 
 
+@pytest.mark.integration
 def test_without_libtpu_the_error_names_the_extra_to_install():
     _, err = compile_for("--compile_for=v5e:2x2", expect=2)
     assert err.strip() == ("error: --compile_for=v5e:2x2 needs libtpu, JAX's TPU compiler: pip install "
                            "'jax[tpu]' (the project's tpu extra, see docs/pods.md)"), err
 
 
+@pytest.mark.integration
 def test_without_compile_for_the_workdir_is_still_required():
     _, err = compile_for(expect=2)
     assert err.strip() == ("error: flags workdir=None, compile_for=None: --workdir is required (except with "

@@ -145,6 +145,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
 
 
 
+@pytest.mark.integration
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     train(workdir, "train.num_steps=2", "train.checkpoint_every=2")
@@ -161,6 +162,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tm
     assert all(np.isfinite(p).all() for p in params_of(state))
 
 
+@pytest.mark.integration
 def test_two_processes_train_like_one_process_on_the_same_global_batches(tmp_path):
     """2 processes x 2 devices over 127.0.0.1 == 1 process x 4 devices fed the two halves' batches."""
     workdir, port = str(tmp_path / "distributed"), scripts.free_port()
@@ -252,6 +254,7 @@ def test_a_base_exception_in_the_input_thread_reaches_the_consumer_at_once():
     assert raised == [7]
 
 
+@pytest.mark.integration
 def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_path):
     """The 1,500 training digits cannot fill a batch of 2048: one line, status 2, no workdir."""
     workdir = tmp_path / "run"
@@ -276,6 +279,7 @@ def test_a_batch_larger_than_the_dataset_stops_before_anything_is_written(tmp_pa
     ],
     ids=["unknown-key", "wrong-type", "unknown-dataset", "image-size", "batch-vs-devices", "dataset-offline"],
 )
+@pytest.mark.integration
 def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, overrides, message):
     workdir = tmp_path / "run"
     start = time.perf_counter()
@@ -287,6 +291,7 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, overrides
     assert time.perf_counter() - start < 60
 
 
+@pytest.mark.integration
 def test_resuming_with_a_different_network_is_refused(tmp_path):
     workdir = str(tmp_path)
     train(workdir, "train.num_steps=1")
@@ -297,6 +302,7 @@ def test_resuming_with_a_different_network_is_refused(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.integration
 def test_importance_sampled_kl_training_keeps_its_loss_history_across_a_resume(tmp_path):
     """improved DDPM's L_vlb with t importance-sampled: the history fills, is checkpointed and resumed,
     and a resume with another timestep sampler is refused."""
@@ -315,6 +321,7 @@ def test_importance_sampled_kl_training_keeps_its_loss_history_across_a_resume(t
             in result.stderr)
 
 
+@pytest.mark.slow
 def test_the_init_compiled_for_a_quick_compile_draws_the_same_parameters():
     c = tiny_config()
     trainer = train_lib.Trainer(c)

@@ -83,6 +83,7 @@ def small_init():
     return x, jax.jit(UNet(**SMALL).init)(jax.random.PRNGKey(1), x, jnp.array([0, 5]))
 
 
+@pytest.mark.slow
 def test_zero_init_layers_and_output_shape():
     model = UNet(**SMALL)
     x, variables = small_init()
@@ -119,6 +120,7 @@ def test_bad_shapes_are_refused():
         model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 3)), jnp.zeros((1,), jnp.int32))
 
 
+@pytest.mark.slow
 def test_cifar10_network_forward_and_train_step_run_on_cpu():
     """The 35.7M network compiles and takes one Adam step at batch 2 with dropout (smoke test)."""
     model = UNet(**PRESETS["ddpm_cifar10"])
@@ -156,6 +158,7 @@ def randomized(variables, seed=0, scale=0.05):
                            for p, k in zip(leaves, keys, strict=True)])
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params_and_output():
     model = UNet(**SMALL, dtype=jnp.bfloat16)
     x, variables = small_init()

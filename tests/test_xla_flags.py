@@ -21,6 +21,7 @@ def python(code, *args):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.integration
 def test_importing_the_package_changes_no_environment_variable():
     # the package alone, then modules that import JAX, after JAX and flax (importing JAX sets
     # TF_CPP_MIN_LOG_LEVEL and TPU_SKIP_MDS_QUERY itself)
@@ -73,6 +74,7 @@ def test_nothing_is_set_for_a_jaxlib_that_may_not_know_the_flag(monkeypatch, ver
         assert environ == unchanged
 
 
+@pytest.mark.integration
 def test_jax_starts_and_convolves_with_the_flag_of_the_installed_jaxlib():
     # the installed jaxlib (requirements.txt's pin) is one set_defaults knows; XLA would abort the process on
     # a flag or value it did not know
