@@ -126,6 +126,10 @@ def unet_kwargs_from_diffusers_config(config: dict) -> dict:
 def load_diffusers(directory: str):
     """(flat params {path: array}, UNet kwargs, image shape) from a diffusers model directory."""
     directory = storage.path(directory, what="diffusers directory")
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory} is not a diffusers UNet2DModel directory: it has no "
+                              "config.json (give a directory with config.json and "
+                              "diffusion_pytorch_model.safetensors, as the hub's google/ddpm-* models)")
     config = storage.read_json(directory / "config.json")
     kwargs = unet_kwargs_from_diffusers_config(config)
     safetensors_file = directory / "diffusion_pytorch_model.safetensors"

@@ -144,6 +144,9 @@ def parse_flags(argv):
             raise ConfigError(str(e)) from e
         except (AttributeError, KeyError, OSError) as e:  # ml_collections, on a key or file it cannot find
             raise _bad_override(argv) or ConfigError(str(e)) from e
+        except SyntaxError as e:  # a config file that is not Python: its place is all a traceback would add
+            raise ConfigError(f"{e.filename}, line {e.lineno}: {e.msg} (the config file is not valid "
+                              "Python)") from e
 
 
 def config(flag_values, name: str = "config"):

@@ -55,6 +55,14 @@ def test_bad_config_flags_are_one_line_with_status_2(tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
+def test_a_config_file_that_is_not_python_is_one_line_naming_its_line(tmp_path):
+    (tmp_path / "config.py").write_text("def get_config(:\n    pass\n")
+    line = one_line_error(train(tmp_path / "run", f"--config={tmp_path / 'config.py'}"), 2)
+    assert line == (f"error: {tmp_path / 'config.py'}, line 1: invalid syntax (the config file is not valid "
+                    "Python)")
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(directory, options):
     """A tmpfs at ``directory`` (root only; where mounting is not allowed the test is skipped, saying so)."""
@@ -102,6 +110,9 @@ def test_files_that_are_not_what_was_expected_name_themselves(tmp_path):
         inception.load_params(str(weights))
     with pytest.raises(errors.CheckpointError, match="model.ckpt-790000 is not a TF checkpoint prefix"):
         convert.load_tf_checkpoint(str(tmp_path / "model.ckpt-790000"))
+    with pytest.raises(errors.CheckpointError,
+                       match="none is not a diffusers UNet2DModel directory: it has no config.json"):
+        convert.load_diffusers(str(tmp_path / "none"))
 
 
 # One bad input per entry point, each a one-line error whatever the CPU. TensorFlow prints log lines
