@@ -140,8 +140,9 @@ def validate(config, num_devices: int, num_processes: int) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(t.keep_period >= 0, "train.keep_period", t.keep_period, ">= 0 (0: keep none for good)")
-    need(o.lr > 0 and o.warmup_steps >= 0 and o.grad_clip >= 0, "optim", dict(o),
-         "lr > 0, warmup_steps >= 0, grad_clip >= 0 (0: no clipping)")
+    need(o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0: no clipping)")
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1)")
     registered = sampler_registry.SAMPLERS
     need(s.sampler in registered, "sample.sampler", s.sampler, ", ".join(registered))

@@ -23,6 +23,7 @@ from scripts import ROOT, environment
 
 from diffusion_jax import builders, checkpoints, input_pipeline, sample_lib, train_lib
 from diffusion_jax import config as config_lib
+from diffusion_jax.errors import ConfigError
 
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 
@@ -357,6 +358,20 @@ def test_cifar10_config_is_the_papers_run():
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose([float(lr(2500)), float(lr(5000)), float(lr(100_000))], [1e-4, 2e-4, 2e-4],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("optim.lr", -1.0, "> 0"), ("optim.warmup_steps", -5, ">= 0"), ("optim.grad_clip", -1.0, ">= 0"),
+    ("model.matmul_precision", "fastest", "'default', 'high' or 'highest'")])
+def test_a_bad_setting_is_refused_naming_its_key_alone(key, value, allowed):
+    from configs import cifar10
+
+    c = cifar10.get_config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError) as refused:
+        config_lib.validate(c, num_devices=8, num_processes=1)
+    assert str(refused.value).startswith(f"config.{key} = {value!r} is not allowed: {allowed}"), refused.value
 
 
 def test_improved_ddpm_config_is_their_cifar10_run():
