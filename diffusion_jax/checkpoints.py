@@ -20,6 +20,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -76,10 +77,65 @@ def check_resume_compatible(config, saved_config: dict) -> None:
                           "checkpoint's setting")
 
 
+DIGESTS = "digests"  # the checkpoint item of the state's checksums (save_args, restore_state)
+_ODD = np.uint32(2654435761)  # Knuth's multiplicative constant: odd, so every weight below is odd
+
+
+@jax.jit
+def _checksums(tree):
+    """Per array: sum_i bits(x_i) * (2 i + 1) * _ODD mod 2^32, over its elements' bit patterns, computed
+    where the arrays are. Integer sums are exact in any order, so every backend and sharding gives the
+    same value; any change of one element changes it (its weight is odd, so a unit mod 2^32)."""
+    def checksum(x):
+        x = jnp.asarray(x).reshape(-1)
+        if x.dtype.itemsize == 4:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif x.dtype == jnp.bool_:
+            bits = x.astype(jnp.uint32)
+        else:
+            unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+            bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        weights = (2 * jnp.arange(x.size, dtype=jnp.uint32) + 1) * _ODD
+        return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+    return jax.tree_util.tree_map(checksum, tree)
+
+
+def digests(tree) -> dict[str, int]:
+    """The checksum of each array of ``tree`` (:func:`_checksums`), by its path. The sums are
+    replicated: each process reads its own copy (a multi-process array spans other hosts' devices)."""
+    sums = _checksums(tree)
+    return {jax.tree_util.keystr(path): int(np.asarray(value.addressable_data(0))) for path, value in
+            jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def save_args(state: TrainState, config) -> ocp.args.Composite:
+    """A checkpoint of ``state`` (:func:`saved_tree`), the run's config and the state's digests, saved
+    together: a checkpoint is complete with all three or not at all."""
+    tree = saved_tree(state)
+    return ocp.args.Composite(state=ocp.args.StandardSave(tree), config=ocp.args.JsonSave(config.to_dict()),
+                              **{DIGESTS: ocp.args.JsonSave(digests(tree))})
+
+
+class DigestMismatch(ValueError):
+    """Arrays of a checkpoint whose checksums differ from those saved with it: damaged in storage."""
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> TrainState:
-    """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`)."""
+    """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`),
+    its arrays checked against the digests saved with them (a checkpoint saved before digests were
+    is read unchecked); a DigestMismatch names the arrays that differ."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract)))
-    return TrainState(**manager.restore(step, args=args)["state"])
+    tree = manager.restore(step, args=args)["state"]
+    if (epath.Path(manager.directory) / str(step) / DIGESTS).exists():
+        saved = manager.restore(step, args=ocp.args.Composite(**{DIGESTS: ocp.args.JsonRestore()}))[DIGESTS]
+        found = digests(tree)
+        differing = sorted(k for k in saved.keys() | found.keys() if saved.get(k) != found.get(k))
+        if differing:
+            named = ", ".join(differing[:3]) + (", ..." if len(differing) > 3 else "")
+            raise DigestMismatch(f"{len(differing)} array(s) differ from their checksums saved with the "
+                                 f"checkpoint: {named}")
+    return TrainState(**tree)
 
 
 def saved_tree(state: TrainState) -> dict:

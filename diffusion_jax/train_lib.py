@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -543,8 +542,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
             _check_finite(state, last_good)
             if lock is not None:
                 lock.refresh()  # still this run's workdir: another may have taken over its lock
-            saves.save(done, ocp.args.Composite(state=ocp.args.StandardSave(checkpoints.saved_tree(state)),
-                                                config=ocp.args.JsonSave(config.to_dict())))
+            saves.save(done, checkpoints.save_args(state, config))
             last_good = done
 
         def log_finite(done: int, state: TrainState) -> None:

@@ -42,6 +42,14 @@ def largest(step_dir):
     return max(data_files(step_dir), key=lambda path: path.stat().st_size)
 
 
+def flip_bytes(path, count=8):
+    """``count`` bytes in the middle of ``path`` inverted: damage that the file's format does not see."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
 CORRUPTIONS = {
     "array file truncated": lambda s: truncate(largest(s)),
     "every array file truncated": lambda s: [truncate(p) for p in data_files(s)],
@@ -50,6 +58,7 @@ CORRUPTIONS = {
     "state metadata garbage": lambda s: (s / "state" / "_METADATA").write_bytes(b"\xff\x00garbage"),
     "config garbage": lambda s: (s / "config" / "metadata").write_bytes(b"\xff\x00garbage"),
     "state directory deleted": lambda s: shutil.rmtree(s / "state"),
+    "8 bytes flipped in the largest array file": lambda s: flip_bytes(largest(s)),
 }
 
 
@@ -90,14 +99,29 @@ def test_with_no_readable_checkpoint_the_run_stops_naming_them(trained, tmp_path
     assert len(os.listdir(workdir / "unreadable_checkpoints")) == 2
 
 
-def test_sampling_reads_the_latest_readable_checkpoint(trained, tmp_path):
+@pytest.mark.parametrize("corruption", ["array file deleted", "8 bytes flipped in the largest array file"])
+def test_sampling_reads_the_latest_readable_checkpoint(trained, tmp_path, corruption):
     """sample.py and evaluate.py (checkpoints.load): a step asked for that cannot be read is an error;
     otherwise the latest readable one is loaded, an unreadable one set aside as train.py does."""
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)
-    CORRUPTIONS["array file deleted"](workdir / "checkpoints" / "4")
+    CORRUPTIONS[corruption](workdir / "checkpoints" / "4")
     with pytest.raises(errors.CheckpointError,
                        match=f"the checkpoint of step 4 in {workdir / 'checkpoints'} cannot"):
         checkpoints.load(workdir=str(workdir), step=4)
     assert checkpoints.load(workdir=str(workdir)).source == f"{workdir / 'checkpoints' / '2'} (ema)"
     assert os.listdir(workdir / "unreadable_checkpoints")[0].startswith("4-")
+
+
+def test_a_run_restarted_on_silently_damaged_arrays_resumes_from_the_step_before(trained, tmp_path):
+    """Bytes flipped inside an array file decode without an error: the digests saved with the
+    checkpoint catch them, and the same command moves the step aside, resumes and finishes."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    flip_bytes(largest(workdir / "checkpoints" / "4"))
+    result = scripts.run("train.py", f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=6",
+                         "--config.train.checkpoint_every=2")
+    assert "the checkpoint of step 4 cannot be read (DigestMismatch: 1 array(s) differ from their " \
+           "checksums saved with the checkpoint: " in result.stdout, result.stdout
+    assert "resumed from the checkpoint of step 2" in result.stdout
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]

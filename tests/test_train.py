@@ -428,3 +428,20 @@ def test_grad_clip_zero_is_adam_alone():
             == jax.tree_util.tree_structure(tx.init(params)))
     clipped = clipped_tx.update({"w": grads["w"] * 1e-3 / 2}, clipped_tx.init(params), params)[0]
     np.testing.assert_allclose(clipped["w"], unclipped["w"], rtol=1e-5)  # Adam is scale-invariant
+
+
+def test_a_checkpoints_digests_change_with_any_element_and_not_with_the_placement():
+    tree = {"w": np.arange(24, dtype=np.float32).reshape(4, 6) / 7, "step": np.int32(3),
+            "half": np.ones(5, jax.numpy.bfloat16)}
+    saved = checkpoints.digests(tree)
+    assert set(saved) == {"['w']", "['step']", "['half']"}
+    for index in [(0, 0), (2, 3), (3, 5)]:
+        changed = {**tree, "w": tree["w"].copy()}
+        changed["w"][index] = np.nextafter(changed["w"][index], np.float32(np.inf))  # one bit of one element
+        assert checkpoints.digests(changed) == {**saved, "['w']": checkpoints.digests(changed)["['w']"]}
+        assert checkpoints.digests(changed)["['w']"] != saved["['w']"]
+    swapped = {**tree, "w": tree["w"][::-1].copy()}  # the same values elsewhere
+    assert checkpoints.digests(swapped)["['w']"] != saved["['w']"]
+    placed = jax.device_put(tree, jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)), jax.sharding.PartitionSpec()))
+    assert checkpoints.digests(placed) == saved
