@@ -42,6 +42,7 @@ from diffusion_jax import (
     input_pipeline,
     interrupts,
     losses,
+    progress,
     run_lock,
     sample_lib,
     schedule,
@@ -305,8 +306,8 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
     ``take_over_lock``: take over a stale lock of another run (``run_lock``); ``allow_config_change``:
     resume a checkpoint trained with other settings (``checkpoints.check_resume_settings``). SIGINT and
     SIGTERM raise ``interrupts.Interrupted``: at once before the loop, after saving the current step in it."""
-    one_process = jax.process_count() == 1
-    with interrupts.Signals((signal.SIGINT, signal.SIGTERM) if one_process else (signal.SIGINT,)) as signals:
+    signums = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else (signal.SIGINT,)
+    with interrupts.Signals(signums) as signals, progress.library_errors_to_debug_log():
         return _train_and_evaluate(config, workdir, signals, take_over_lock, allow_config_change)
 
 

@@ -180,12 +180,15 @@ def test_only_the_projects_errors_are_shortened():
 
 @pytest.mark.integration
 def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_stay(tmp_path):
-    """30 MB hold two checkpoints of the tiny run (~11 MB each), not three."""
+    """30 MB hold two checkpoints of the tiny run (~11 MB each), not three. Orbax's and asyncio's
+    tracebacks of the failed save (~1,500 lines) are in the debug log: stderr is the error line."""
     with mounted_tmpfs(tmp_path / "small", "size=30m") as small:
         workdir = small / "run"
-        result = train(workdir, f"--config={TINY}", "--config.train.num_steps=20",
-                       "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=100")
+        command = (f"--config={TINY}", "--config.train.num_steps=20", "--config.train.checkpoint_every=2",
+                   "--config.train.keep_checkpoints=100")
+        result = train(workdir, *command)
         assert result.returncode == 4, result.stderr[-3000:]
+        assert len(result.stderr.strip().splitlines()) <= 5, result.stderr[-3000:]
         errors_ = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors_) == 1 and errors_[0].startswith(
             f"error: saving the checkpoint of step 6 in {workdir / 'checkpoints'} failed: "
@@ -195,6 +198,9 @@ def test_a_full_disk_is_reported_at_the_failing_save_and_earlier_checkpoints_sta
         assert "step 6/20" in result.stdout and "step 9/20" not in result.stdout  # seen within the next steps
         complete = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
         assert complete == ["2", "4"]
+        again = train(workdir, *command)  # on the disk still full: the same, as briefly
+        assert again.returncode == 4 and len(again.stderr.strip().splitlines()) <= 5, again.stderr[-3000:]
+        assert "resumed from the checkpoint of step 4" in again.stdout
         config = train_lib_config()
         with checkpoints.checkpoint_manager(storage.checkpoint_path(str(workdir)), config,
                                             create=False) as manager:
@@ -207,3 +213,21 @@ def train_lib_config():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def test_orbax_and_asyncio_errors_go_to_the_debug_log_and_others_stay(capfd):
+    from diffusion_jax import progress
+
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        with progress.library_errors_to_debug_log():
+            logging.getLogger("asyncio").error("Future exception was never retrieved")
+            orbax = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/future.py", 1,
+                                      "save failed", None, None)
+            logging.getLogger("absl").handle(orbax)
+            logging.getLogger("diffusion_jax").error("ours")
+        logging.getLogger("asyncio").error("after the block")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert capfd.readouterr().err.splitlines() == ["ours", "after the block"]
