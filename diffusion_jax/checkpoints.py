@@ -16,6 +16,7 @@ image shape of the checkpoint.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -173,7 +174,9 @@ def _set_aside(manager: ocp.CheckpointManager, workdir: epath.Path, step: int, e
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoints._set_aside: step {step}")
     manager.reload()
-    console(f"the checkpoint of step {step} cannot be read ({reason}); moved it to {target}")
+    if jax.process_index() == 0:  # a warning: on stderr, with the run's other warnings and errors
+        print(f"warning: the checkpoint of step {step} cannot be read ({reason}); moved it to {target}",
+              file=sys.stderr, flush=True)
 
 
 def latest_readable(manager: ocp.CheckpointManager, workdir: epath.Path, read):

@@ -83,7 +83,7 @@ def test_each_corruption_of_the_latest_checkpoint_falls_back_to_the_previous(tra
     assert step == 2 and int(state.step) == 2
     aside = os.listdir(workdir / "unreadable_checkpoints")
     assert len(aside) == 1 and aside[0].startswith("4-")  # moved, not deleted
-    assert "the checkpoint of step 4 cannot be read (" in capsys.readouterr().out
+    assert "warning: the checkpoint of step 4 cannot be read (" in capsys.readouterr().err
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
@@ -121,7 +121,7 @@ def test_a_run_restarted_on_silently_damaged_arrays_resumes_from_the_step_before
     flip_bytes(largest(workdir / "checkpoints" / "4"))
     result = scripts.run("train.py", f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=6",
                          "--config.train.checkpoint_every=2")
-    assert "the checkpoint of step 4 cannot be read (DigestMismatch: 1 array(s) differ from their " \
-           "checksums saved with the checkpoint: " in result.stdout, result.stdout
+    assert "warning: the checkpoint of step 4 cannot be read (DigestMismatch: 1 array(s) differ from " \
+           "their checksums saved with the checkpoint: " in result.stderr, result.stderr
     assert "resumed from the checkpoint of step 2" in result.stdout
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
