@@ -54,10 +54,13 @@ def _exit_at_once(signum, frame) -> None:
 
 class Signals:
     """The handlers of ``signums`` while the context is open (in the main thread; elsewhere a no-op),
-    and the delivery again of an ``Interrupted`` that Python had to swallow (see the module's text)."""
+    and the delivery again of an ``Interrupted`` that Python had to swallow (see the module's text).
+    ``at_once``: what an ``Interrupted`` raised at once says was saved."""
 
-    def __init__(self, signums=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, signums=(signal.SIGINT, signal.SIGTERM),
+                 at_once: str = "stopped at once; nothing after the last checkpoint was saved"):
         self.signums, self.received, self.deferring, self._previous = tuple(signums), None, False, {}
+        self.at_once = at_once
         self._previous_hook, self._in_hook = None, False
 
     def __enter__(self) -> Self:
@@ -98,7 +101,7 @@ class Signals:
         if self._in_hook or _importing(frame):  # lost for good, or a C extension's import aborted
             self._again(signum)
             return
-        raise Interrupted(signum, "stopped at once; nothing after the last checkpoint was saved")
+        raise Interrupted(signum, self.at_once)
 
     @staticmethod
     def _again(signum: int) -> None:

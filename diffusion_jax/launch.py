@@ -94,7 +94,7 @@ def one_line_errors():
     signal (``interrupts.exit_by``); any other exception, a bug, keeps its traceback. SIGINT raises
     ``interrupts.Interrupted`` inside (never swallowed: ``interrupts.Signals``)."""
     try:
-        with interrupts.Signals((signal.SIGINT,)):
+        with interrupts.Signals((signal.SIGINT,), at_once="stopped at once"):
             yield
     except errors.Error as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
