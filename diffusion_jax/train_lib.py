@@ -434,6 +434,10 @@ def compile_for_tpu(config, topology: str, devices, batch_size: int | None = Non
     """``config``'s train step, at global ``batch_size`` (default the config's), compiled by XLA:TPU for
     ``devices`` (``tpu_devices(topology)``) as one program over all of them, as a slice of any number
     of hosts runs it; nothing is allocated or run."""
+    kind = devices[0].device_kind
+    if kind not in TPU_CHIPS:
+        raise ConfigError(f"--compile_for={topology}: its devices are {kind!r}, whose HBM and peak "
+                          f"train_lib.TPU_CHIPS does not list (it has {', '.join(TPU_CHIPS)})")
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.batch_size = batch_size or config.train.batch_size
     hosts = len({d.process_index for d in devices})
@@ -450,14 +454,12 @@ def compile_for_tpu(config, topology: str, devices, batch_size: int | None = Non
     compiled = trainer.step.lower(trainer.abstract_state(), batch, rng).compile()
     seconds = time.perf_counter() - start
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    kind = devices[0].device_kind
-    chip = TPU_CHIPS.get(kind)
-    share = devices[0].num_cores / chip.cores if chip else float("nan")
+    chip = TPU_CHIPS[kind]
+    share = devices[0].num_cores / chip.cores
     return TpuCompile(topology, kind, len(devices), config.train.batch_size, memory.argument_size_in_bytes,
                       memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                      memory.generated_code_size_in_bytes, float(cost.get("flops", float("nan"))),
-                      chip.hbm_gib * 2 ** 30 * share if chip else float("nan"),
-                      chip.peak_flops * share if chip else float("nan"), seconds)
+                      memory.generated_code_size_in_bytes, float(cost["flops"]),
+                      chip.hbm_gib * 2 ** 30 * share, chip.peak_flops * share, seconds)
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, unit: int) -> int | None:
