@@ -70,7 +70,7 @@ def check_resume_compatible(config, saved_config: dict) -> None:
                  if ours[k] != theirs[k]]
     if differing:
         raise CheckpointError("the workdir's checkpoint was made with a different network: "
-                          + ", ".join(differing) + "; use a new --workdir or the checkpoint's settings")
+                              + ", ".join(differing) + "; use a new --workdir or the checkpoint's settings")
     theirs = saved_config["diffusion"].get("timestep_sampler", "uniform")  # a config without the key: uniform
     if config.diffusion.timestep_sampler != theirs:
         raise ConfigError(f"the workdir's checkpoint was trained with diffusion.timestep_sampler {theirs!r}, "
@@ -126,11 +126,13 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract: TrainStat
     """The train state saved at ``step``, shaped and sharded as ``abstract`` (see :func:`saved_tree`),
     its arrays checked against the digests saved with them (a checkpoint saved before digests were
     is read unchecked); a DigestMismatch names the arrays that differ."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract)))
-    tree = manager.restore(step, args=args)["state"]
+    items = {"state": ocp.args.StandardRestore(saved_tree(abstract))}
     if (epath.Path(manager.directory) / str(step) / DIGESTS).exists():
-        saved = manager.restore(step, args=ocp.args.Composite(**{DIGESTS: ocp.args.JsonRestore()}))[DIGESTS]
-        found = digests(tree)
+        items[DIGESTS] = ocp.args.JsonRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    tree = restored["state"]
+    if DIGESTS in items:
+        saved, found = restored[DIGESTS], digests(tree)
         differing = sorted(k for k in saved.keys() | found.keys() if saved.get(k) != found.get(k))
         if differing:
             named = ", ".join(differing[:3]) + (", ..." if len(differing) > 3 else "")
