@@ -74,13 +74,17 @@ def startup_line() -> str:
 
 
 def start(flag_values) -> None:
-    """``jax.distributed.initialize()`` if ``--distributed``, then the startup line (and warning)."""
+    """``jax.distributed.initialize()`` if ``--distributed``, then the startup line (and warning);
+    from then on the libraries' error logs go to the debug log (``progress.library_errors_to_debug_log``)."""
     import jax  # here, not at import: the entry points parse their flags without loading JAX
+
+    from diffusion_jax import progress
 
     if flag_values.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes; no effect elsewhere
         jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
                                    flag_values.process_id)
+    progress.library_errors_to_debug_log()
     print(startup_line(), flush=True)
     warning = cpu_warning(jax.default_backend(), accelerator_signs())
     if warning:

@@ -3,7 +3,6 @@ process 0; what the libraries would print besides, in the debug log."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -57,35 +56,33 @@ def _noise(record: logging.LogRecord) -> bool:
     return record.levelno > logging.DEBUG and (record.name == "asyncio" or "/orbax/" in record.pathname)
 
 
-@contextlib.contextmanager
-def library_errors_to_debug_log():
-    """Orbax's and asyncio's error logs, and the exceptions that their background threads cannot
-    raise ('Event loop is closed' once a failed save's loop is gone), go to absl's DEBUG log
-    (``--verbosity=1`` shows them) while the block runs: a full disk made ~1,500 lines of them,
-    around the run's own one-line error, which says what failed."""
-    def demote(record: logging.LogRecord) -> bool:
-        if not _noise(record):
-            return True
-        trace = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
-        absl_logging.debug("%s: %s%s", record.name, record.getMessage(), "\n" + trace if trace else "")
-        return False
+def _demote(record: logging.LogRecord) -> bool:
+    """A logging filter: Orbax's and asyncio's records (:func:`_noise`) to absl's DEBUG log."""
+    if not _noise(record):
+        return True
+    trace = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else ""
+    absl_logging.debug("%s: %s%s", record.name, record.getMessage(), "\n" + trace if trace else "")
+    return False
 
-    previous_hook = sys.unraisablehook
 
-    def unraisable(raised) -> None:
-        frames = traceback.extract_tb(raised.exc_traceback) if raised.exc_traceback else []
-        if isinstance(raised.exc_value, RuntimeError) and any("/asyncio/" in f.filename for f in frames):
-            absl_logging.debug("unraisable in a background thread: %r", raised.exc_value)
-        else:
+def library_errors_to_debug_log() -> None:
+    """From now to the process's exit, Orbax's and asyncio's error logs, and the exceptions that their
+    background threads cannot raise ('Event loop is closed' once a failed save's loop is gone), go to
+    absl's DEBUG log (``--verbosity=1`` shows them): a full disk made ~1,500 lines of them around the
+    run's own one-line error, which says what failed. For the whole process, not a block: the tasks
+    of a failed save live in the error that reports it and log 'Task exception was never retrieved'
+    when they are collected, at the exit. The entry points call it once absl's handler is set."""
+    previous_hook, debug, finalizing = sys.unraisablehook, absl_logging.debug, sys.is_finalizing
+
+    def unraisable(raised) -> None:  # only names bound here: at the exit, the modules' are gone
+        frame, from_asyncio = raised.exc_traceback, False
+        while frame is not None and not from_asyncio:
+            from_asyncio, frame = "/asyncio/" in frame.tb_frame.f_code.co_filename, frame.tb_next
+        if not from_asyncio:
             previous_hook(raised)
+        elif not finalizing():  # at the exit, not even the debug log can be written
+            debug("unraisable in a background thread: %r", raised.exc_value)
 
-    handlers = logging.getLogger().handlers
-    for handler in handlers:
-        handler.addFilter(demote)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_demote)
     sys.unraisablehook = unraisable
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        for handler in handlers:
-            handler.removeFilter(demote)

@@ -42,7 +42,6 @@ from diffusion_jax import (
     input_pipeline,
     interrupts,
     losses,
-    progress,
     run_lock,
     sample_lib,
     schedule,
@@ -307,7 +306,7 @@ def train_and_evaluate(config, workdir: str, *, take_over_lock: bool = False,
     resume a checkpoint trained with other settings (``checkpoints.check_resume_settings``). SIGINT and
     SIGTERM raise ``interrupts.Interrupted``: at once before the loop, after saving the current step in it."""
     signums = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else (signal.SIGINT,)
-    with interrupts.Signals(signums) as signals, progress.library_errors_to_debug_log():
+    with interrupts.Signals(signums) as signals:
         return _train_and_evaluate(config, workdir, signals, take_over_lock, allow_config_change)
 
 
