@@ -168,12 +168,48 @@ def _record_start(workdir: epath.Path, config, lock: run_lock.RunLock) -> None:
     storage.write_json(workdir / "configs" / f"{started}-{lock.owner['run_id']}.json", config.to_dict())
 
 
+NON_FINITE_STOP = "non_finite_stop.json"  # in the workdir: the settings and step of a non-finite stop
+
+
 def _check_finite(state: TrainState, last_good: int | None) -> None:
+    """A NonFiniteError naming the first non-finite step and ``last_good``, the checkpoint a restart
+    resumes from: verified by its checksums when this run resumed from it, or saved by this run from
+    a state checked finite."""
     bad = int(state.bad_step)  # the index of the step, from 0; the console counts the steps done, from 1
     if bad >= 0:
         raise NonFiniteError(f"non-finite loss or gradient at step {bad + 1}; parameters were not updated "
-                             "from then on and nothing after it was saved (last good checkpoint: step "
-                             f"{last_good})")
+                             "from then on and nothing after it was saved (last good checkpoint: "
+                             + (f"step {last_good}, verified)" if last_good is not None else "none)"))
+
+
+def _record_non_finite(workdir: epath.Path, config, error: NonFiniteError, last_good: int | None) -> None:
+    """``WORKDIR/non_finite_stop.json``: the stop's message, its config and the step a restart would
+    resume from, for :func:`_refuse_repeating_non_finite`."""
+    if jax.process_index() == 0:
+        storage.write_json(workdir / NON_FINITE_STOP, {"error": str(error), "resume_step": last_good,
+                                                       "config": config.to_dict()})
+
+
+def _refuse_repeating_non_finite(workdir: epath.Path, config, resume_step: int | None) -> None:
+    """A NonFiniteError (status 3 again) if the run stopped on a non-finite value and would now
+    restart from the same checkpoint with the same settings: training is deterministic, so it would
+    meet the same value at the same step, and a scheduler that restarts on failure would loop. Any
+    change of setting (with --allow_config_change) or of the checkpoint to resume from lets it go
+    on, and the record is removed; removing it by hand retries as is."""
+    record = workdir / NON_FINITE_STOP
+    if not record.exists():
+        return
+    stopped = storage.read_json(record)
+    same = not checkpoints.check_resume_settings(config, stopped["config"], allow_config_change=True)
+    if same and stopped["resume_step"] == resume_step:
+        raise NonFiniteError(f"this run stopped before with: {stopped['error']}. Restarted unchanged it "
+                             "would stop the same way, so it did not start: do not retry as is. Change a "
+                             "setting (e.g. --config.optim.lr=..., with --allow_config_change), or remove "
+                             f"{record} to retry unchanged")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("read " + NON_FINITE_STOP)  # by all before it is removed
+    if jax.process_index() == 0:
+        record.unlink()
 
 
 class _Log:
@@ -533,6 +569,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
         if last_good is not None:
             state = restored
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
+        _refuse_repeating_non_finite(workdir, config, last_good)
         start = int(state.step)
         writer = summaries.Writer(workdir / "tensorboard", purge_step=start + 1)  # the first step it logs
         writer.hparams(config_lib.flatten(config))
@@ -586,6 +623,9 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
                     signum = signals.received if processes == 1 else signal.SIGTERM
                     raise interrupts.Interrupted(signum,
                                                  f"saved step {done}; the same command resumes from it")
+        except NonFiniteError as e:
+            _record_non_finite(workdir, config, e, last_good)
+            raise
         finally:
             prefetch.close()
             try:

@@ -148,19 +148,39 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
 
 @pytest.mark.integration
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    """... and a restart that would repeat it (same settings, same checkpoint) is refused at once with
+    status 3, so that a scheduler restarting on failure does not loop; a changed setting goes on."""
     workdir = str(tmp_path)
     train(workdir, "train.num_steps=2", "train.checkpoint_every=2")
-    result = train(workdir, "train.num_steps=50", "train.checkpoint_every=2", "optim.lr=1e30",
-                   "optim.warmup_steps=0", flags=["--allow_config_change"], expect=3)
-    assert "non-finite loss or gradient at step" in result.stderr
-    bad = int(result.stderr.split("at step ")[1].split(";")[0])
+    diverging = ("train.num_steps=50", "train.checkpoint_every=2", "optim.lr=1e30", "optim.warmup_steps=0")
+    result = train(workdir, *diverging, flags=["--allow_config_change"], expect=3)
+    line = one_line(result)
+    assert line.startswith("error: non-finite loss or gradient at step"), line
+    bad = int(line.split("at step ")[1].split(";")[0])
     logged = [int(line.split()[1].split("/")[0]) for line in result.stdout.splitlines()
               if line.startswith("step ")]
     # counted as the console counts: the last step logged came before
     assert bad >= 3 and logged[-1] == bad - 1
     step, state = checkpoint(workdir)
-    assert step < bad
+    assert step < bad and line.endswith(f"(last good checkpoint: step {step}, verified)"), line
     assert all(np.isfinite(p).all() for p in params_of(state))
+
+    again = one_line(train(workdir, *diverging, flags=["--allow_config_change"], expect=3))
+    stopped = line.removeprefix("error: ")
+    assert again.startswith(f"error: this run stopped before with: {stopped}. Restarted unchanged it would "
+                            "stop the same way, so it did not start: do not retry as is."), again
+    assert checkpoint(workdir)[0] == step
+    changed = train(workdir, "train.num_steps=6", "train.checkpoint_every=2", "optim.warmup_steps=0",
+                    flags=["--allow_config_change"])
+    assert f"resumed from the checkpoint of step {step}" in changed.stdout
+    assert checkpoint(workdir)[0] == 6
+    assert not os.path.exists(os.path.join(workdir, train_lib.NON_FINITE_STOP))
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
 
 
 @pytest.mark.integration
