@@ -56,7 +56,11 @@ flags.DEFINE_string("checkpoint", None,
                     "a checkpoint directory: WORKDIR/checkpoints/STEP or convert.py's --out")
 flags.DEFINE_integer("step", None, "the workdir's checkpoint to use (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters of a training checkpoint")
-flags.DEFINE_string("out", None, "output directory (local, or gs:// shared by every host)")
+flags.DEFINE_string("out", None, "output directory (local, or gs:// shared by every host); held by one "
+                    "sample.py at a time (OUT/run.lock)")
+flags.DEFINE_bool("take_over_lock", False, "take over --out's lock of a sample.py on another host that "
+                  "stopped refreshing it 30 minutes ago (a lost host); a lock of this host's live process is "
+                  "never taken")
 flags.DEFINE_enum("mode", "samples", MODES, "what to produce")
 flags.DEFINE_enum("sampler", None, list(sampler_registry.SAMPLERS), "override config.sample.sampler")
 flags.DEFINE_integer("steps", None, "override config.sample.steps", lower_bound=1)
@@ -205,14 +209,14 @@ def main(argv):
         run(jax)
 
 
-def samples(jax, loaded, out):
+def samples(jax, loaded, out, lock):
     """Mode samples: each process's shards, then samples.npz (with ``labels`` for a class-conditional
     model) and a grid of the first 64 (of --class_label=all: a row per class) from process 0; FID and
     IS with --fid."""
     import numpy as np
     from jax.sharding import Mesh
 
-    from diffusion_jax import builders, image_io, progress, sample_lib
+    from diffusion_jax import builders, image_io, progress, run_lock, sample_lib
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
@@ -236,10 +240,16 @@ def samples(jax, loaded, out):
     generate = sample_lib.Generator(config, builders.make_model(config), sched, mesh,
                                     labels=class_labels(config))
     guided = config.model.num_classes and config.sample.guidance  # both passes in one doubled batch
-    label = (f"samples, {settings['network_evaluations']} network evaluations each"
-             + (" (of a doubled batch: guided)" if guided else ""))
+    shown = progress.Progress(f"samples, {settings['network_evaluations']} network evaluations each"
+                              + (" (of a doubled batch: guided)" if guided else ""))
+
+    def after_batch(done: int, total: int) -> None:
+        if lock is not None:
+            lock.refresh(every=run_lock.REFRESH_SECONDS)  # still this run's --out
+        shown(done, total)
+
     images = sample_lib.sample_to_file(generate, params, jax.random.PRNGKey(FLAGS.seed), out,
-                                       FLAGS.num_samples, FLAGS.batch_size, progress=progress.Progress(label))
+                                       FLAGS.num_samples, FLAGS.batch_size, progress=after_batch)
     if jax.process_index() == 0:
         if FLAGS.class_label == "all":  # one row per class: its first samples
             per_class = FLAGS.num_samples // config.model.num_classes
@@ -256,7 +266,7 @@ def samples(jax, loaded, out):
 
 
 def run(jax):
-    from diffusion_jax import checkpoints, figures, storage
+    from diffusion_jax import checkpoints, figures, run_lock, storage
     from diffusion_jax import config as config_lib
     from diffusion_jax.progress import console
 
@@ -274,19 +284,24 @@ def run(jax):
     storage.check_reachable(out, what="--out")
     storage.check_writable(out, what="--out")
     storage.check_shared(out)
-    if FLAGS.mode == "samples":
-        return samples(jax, loaded, out)
-    m, rng = figures.Model(config, loaded.params), jax.random.PRNGKey(FLAGS.seed)
-    if FLAGS.mode == "progressive":
-        written = figures.progressive(m, rng, out, FLAGS.num_samples)
-    elif FLAGS.mode == "interpolate":
-        written = figures.interpolate(m, rng, out, FLAGS.num_samples, FLAGS.num_interp)
-    elif FLAGS.mode == "interpolate_diffused":
-        t = config.diffusion.num_timesteps // 2 if FLAGS.t is None else FLAGS.t
-        written = figures.interpolate_diffused(m, rng, out, FLAGS.num_samples, FLAGS.num_interp, t)
-    else:
-        written = figures.reconstruct(m, out, FLAGS.num_samples)
-    console("wrote " + ", ".join(written))
+    lock = run_lock.take(out, take_over=FLAGS.take_over_lock, flag="--out")  # a second run stops here
+    try:
+        if FLAGS.mode == "samples":
+            return samples(jax, loaded, out, lock)
+        m, rng = figures.Model(config, loaded.params), jax.random.PRNGKey(FLAGS.seed)
+        if FLAGS.mode == "progressive":
+            written = figures.progressive(m, rng, out, FLAGS.num_samples)
+        elif FLAGS.mode == "interpolate":
+            written = figures.interpolate(m, rng, out, FLAGS.num_samples, FLAGS.num_interp)
+        elif FLAGS.mode == "interpolate_diffused":
+            t = config.diffusion.num_timesteps // 2 if FLAGS.t is None else FLAGS.t
+            written = figures.interpolate_diffused(m, rng, out, FLAGS.num_samples, FLAGS.num_interp, t)
+        else:
+            written = figures.reconstruct(m, out, FLAGS.num_samples)
+        console("wrote " + ", ".join(written))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

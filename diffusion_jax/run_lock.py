@@ -1,4 +1,5 @@
-"""One training run per workdir: an owner file that a second run finds and refuses.
+"""One run per directory (a training run's workdir, sample.py's --out): an owner file that a
+second run finds and refuses.
 
 ``WORKDIR/run.lock`` holds JSON: host, pid, a random run id, the start time and the time it
 was last refreshed. Process 0 creates it before the run writes anything else: on local and
@@ -23,7 +24,10 @@ import secrets
 import socket
 import time
 
+import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from diffusion_jax import storage
 from diffusion_jax.errors import StorageError
@@ -60,10 +64,11 @@ def is_stale(owner: dict, now: float | None = None) -> bool:
 
 
 class RunLock:
-    """``WORKDIR/run.lock``, held by this process for the run (create it on process 0 only)."""
+    """``DIRECTORY/run.lock``, held by this process for the run (create it on process 0 only);
+    ``flag`` names the directory in the messages (``--workdir``, ``--out``)."""
 
-    def __init__(self, workdir: epath.Path, *, take_over: bool = False):
-        self.path = workdir / LOCK_FILE
+    def __init__(self, directory: epath.Path, *, take_over: bool = False, flag: str = "--workdir"):
+        self.path, self.flag = directory / LOCK_FILE, flag
         now = time.time()
         self.owner = dict(host=socket.gethostname(), pid=os.getpid(), run_id=secrets.token_hex(8),
                           started=now, refreshed=now)
@@ -101,14 +106,15 @@ class RunLock:
         if not owner:  # empty or not JSON: nobody to wait for, nothing to say of its age
             if not take_over:
                 raise StorageError(f"{self.path} names no run: it is empty or damaged (a run killed while "
-                                   "writing it?); if no run uses this workdir, add --take_over_lock")
+                                   f"writing it?); if no run uses this {self.flag} directory, add "
+                                   "--take_over_lock")
             print(f"taking over {self.path}, which names no run", flush=True)
             storage.write_bytes(self.path, json.dumps(self.owner).encode())
             return
         gone, stale = is_gone(owner), is_stale(owner)
         if not (gone or stale and take_over):
             advice = (f"it was not refreshed for {STALE_AFTER_SECONDS // 60} minutes: if that run is gone, "
-                      "add --take_over_lock" if stale else "wait for it to end, or use another --workdir")
+                      "add --take_over_lock" if stale else f"wait for it to end, or use another {self.flag}")
             raise StorageError(f"{self.path.parent} is in use by {_owner_text(owner)}; {advice}")
         print(f"taking over the lock of {_owner_text(owner)}, which is "
               f"{'gone' if gone else 'stale'}", flush=True)
@@ -132,3 +138,20 @@ class RunLock:
         current = self._read()
         if current and current.get("run_id") == self.owner["run_id"]:
             self.path.unlink()
+
+
+def take(directory: epath.Path, *, take_over: bool = False, flag: str = "--workdir") -> RunLock | None:
+    """Process 0 takes ``directory``'s lock (its RunLock; None on the other processes); every process
+    stops with a StorageError if it cannot."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(directory, take_over=take_over, flag=flag)
+        except StorageError as e:
+            error = e
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or StorageError(f"process 0 could not take the lock of {directory} "
+                                      "(its message says why)")
+    if error is not None:
+        raise error
+    return lock

@@ -51,7 +51,7 @@ from diffusion_jax import (
 )
 from diffusion_jax import config as config_lib
 from diffusion_jax.builders import TrainState
-from diffusion_jax.errors import ConfigError, NonFiniteError, StorageError
+from diffusion_jax.errors import ConfigError, NonFiniteError
 from diffusion_jax.evaluation import evaluators as evaluators_lib
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.progress import console, duration
@@ -144,22 +144,6 @@ class Trainer:
         is class-conditional), sharded on ``data``."""
         keys = ("image", "label") if self.model.num_classes else ("image",)
         return {k: jax.make_array_from_process_local_data(self.data_sharding, local_batch[k]) for k in keys}
-
-
-def _take_lock(workdir: epath.Path, take_over: bool) -> run_lock.RunLock | None:
-    """Process 0 takes the workdir's lock (``run_lock``); every process stops if it cannot."""
-    lock, error = None, None
-    if jax.process_index() == 0:
-        try:
-            lock = run_lock.RunLock(workdir, take_over=take_over)
-        except StorageError as e:
-            error = e
-    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
-        error = error or StorageError(f"process 0 could not take the lock of {workdir} "
-                                      "(its message says why)")
-    if error is not None:
-        raise error
-    return lock
 
 
 def _record_start(workdir: epath.Path, config, lock: run_lock.RunLock) -> None:
@@ -532,7 +516,7 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     workdir, streamed = _check_before_writing(config, workdir)  # a folder is listed once, here
     d, t = config.data, config.train
     process, processes = jax.process_index(), jax.process_count()
-    lock = _take_lock(workdir, take_over_lock)  # before anything else: a second run stops here
+    lock = run_lock.take(workdir, take_over=take_over_lock)  # before anything else: a second run stops here
     try:
         if (workdir / "checkpoints").is_dir():
             with checkpoints.checkpoint_manager(workdir, config, create=False) as manager:

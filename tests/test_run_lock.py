@@ -69,8 +69,8 @@ def test_a_lock_file_that_names_no_run_says_so_and_is_taken_over_when_asked(tmp_
     with pytest.raises(StorageError) as refused:
         run_lock.RunLock(storage.path(str(tmp_path)))
     assert str(refused.value) == (f"{tmp_path / run_lock.LOCK_FILE} names no run: it is empty or damaged "
-                                  "(a run killed while writing it?); if no run uses this workdir, add "
-                                  "--take_over_lock")
+                                  "(a run killed while writing it?); if no run uses this --workdir "
+                                  "directory, add --take_over_lock")
     run_lock.RunLock(storage.path(str(tmp_path)), take_over=True).release()
     assert "which names no run" in capsys.readouterr().out
 

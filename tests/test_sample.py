@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import time
 
@@ -23,7 +24,7 @@ def test_samples_mode_writes_the_npz_and_a_grid(quickstart_workdir, tmp_path):
     assert len(np.unique(images.reshape(40, -1), axis=0)) == 40
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert sorted(os.listdir(tmp_path / "shards")) == [f"00000{i}-000-of-001.npz" for i in range(3)]
-    assert "wrote 40 samples" in result.stdout
+    assert "wrote 40 samples" in result.stdout and not (tmp_path / "run.lock").exists()  # released
     settings = json.loads((tmp_path / "sampling.json").read_text())
     assert settings["sample"]["steps"] == 10 and settings["model"].endswith("checkpoints/300 (ema)")
 
@@ -69,6 +70,7 @@ def test_an_interrupted_run_resumes_without_duplicating_or_skipping(quickstart_w
     # as a kill mid-write leaves
     (out / "shards" / "000009-000-of-001.npz.tmp-99999").write_bytes(b"half a share")
     result = sample(quickstart_workdir, out, *args)
+    assert "taking over the lock of run " in result.stdout and "which is gone" in result.stdout  # kill -9's
     assert "samples, 5 network evaluations each: 1000/1000" in result.stdout  # DDIM on 5 timesteps
     assert json.loads((out / "sampling.json").read_text())["network_evaluations"] == 5
     assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
@@ -95,6 +97,20 @@ def test_bad_input_is_a_clear_error(quickstart_workdir, tmp_path, args, message,
     result = sample(quickstart_workdir, tmp_path, *args, expect=status)
     assert message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "sampling.json").exists()  # nothing is written before the input is checked
+
+
+def test_a_second_sample_py_on_the_same_out_is_refused_naming_the_first(quickstart_workdir, tmp_path):
+    """As the workdir's lock (run_lock): OUT/run.lock of a live process on this host (this test's)."""
+    owner = dict(host=socket.gethostname(), pid=os.getpid(), run_id="first", started=time.time(),
+                 refreshed=time.time())
+    (tmp_path / "run.lock").write_text(json.dumps(owner))
+    result = sample(quickstart_workdir, tmp_path, "--num_samples=8", "--batch_size=8", expect=4)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {tmp_path} is in use by run first of host "), lines
+    assert lines[0].endswith("wait for it to end, or use another --out"), lines
+    assert sorted(os.listdir(tmp_path)) == ["run.lock"]
+    assert json.loads((tmp_path / "run.lock").read_text()) == owner
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "ten"])
