@@ -7,6 +7,8 @@ file, the directory) and what would fix it. The kinds subclass ValueError (Runti
 non-finite run), so that code catching those keeps working.
 """
 
+import re
+
 
 class Error(Exception):
     """Base of the project's errors; ``exit_status`` is the entry points' status for it."""
@@ -44,12 +46,21 @@ class DataError(Error, ValueError):
     exit_status = 6
 
 
+# what TensorStore appends to its messages: the store's whole JSON spec, its C++ source lines
+_TENSORSTORE_ANNOTATIONS = re.compile(r" \[(?:tensorstore_spec|source locations)\b.*$")
+
+
 def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message ('' if it has none): a library's error, quoted in ours."""
+    """The first line of ``error``'s message ('' if it has none), without TensorStore's annotations:
+    a library's error, quoted in ours."""
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+    return _TENSORSTORE_ANNOTATIONS.sub("", lines[0]) if lines else ""
 
 
 def described(error: BaseException) -> str:
-    """``Type: first line of the message`` of a library's error, for a message of ours."""
+    """``Type: first line of the message`` of a library's error, for a message of ours: of the
+    error it was raised from, if any (``__cause__``, to the first), which says what went wrong;
+    Orbax's wrapper of a failed array read names only the index and quotes a bound method's repr."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     return f"{type(error).__name__}: {first_line(error)}"

@@ -253,3 +253,20 @@ def test_orbax_and_asyncio_errors_go_to_the_debug_log_to_the_exit_and_others_sta
         assert result.stderr.splitlines() == ["ours"], when
     bare = run()
     assert "Task exception was never retrieved" in bare.stderr  # what the test guards against is there
+
+
+def test_a_library_error_is_described_by_its_cause_without_tensorstore_annotations():
+    """Orbax's wrapper of a failed array read (a truncated file) and TensorStore's error under it."""
+    said = ('OUT_OF_RANGE: Error reading "params.conv.kernel/0" in OCDBT database at local file "/w/4/": '
+            "Requested byte range [0, 9) is not valid")
+    cause = ValueError(said + " [tensorstore_spec='{\"driver\": \"zarr\"}'] "
+                       "[source locations='tensorstore/kvstore/ocdbt.cc:12']")
+    try:
+        try:
+            raise cause
+        except ValueError as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 3, 1),). See full "
+                            "TensorStore details: <bound method pybind11.spec of TensorStore({\n") from e
+    except Exception as wrapped:  # noqa: BLE001
+        assert errors.described(wrapped) == f"ValueError: {said}"
+    assert errors.described(OSError("disk\nfull")) == "OSError: disk"
