@@ -282,7 +282,9 @@ def recognised(classifier, out) -> float:
 @pytest.mark.integration
 def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, tmp_path):
     """configs/quickstart_cond.py trained as the README runs it (its grids and figure left out): at w = 1
-    at least 80% of 100 samples per digit are recognised as that digit by a classifier of real digits."""
+    at least 80% of 100 samples per digit are recognised as that digit by a classifier of real digits;
+    fewer at w = 0 and about a tenth of the untrained network's (20 samples per digit each: the
+    README's 85.6% and 10.0%, with a standard error of ~2.5 points at 200 samples)."""
     classifier, accuracy = digit_classifier
     assert accuracy > 0.93  # the judge itself
     workdir = tmp_path / "run"
@@ -292,16 +294,16 @@ def test_the_conditional_quickstart_draws_the_digit_asked_for(digit_classifier, 
     scripts.run("sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'w=1'}", "--class_label=all",
                 "--guidance=1", "--num_samples=1000")
     scripts.run("sample.py", f"--workdir={workdir}", f"--out={tmp_path / 'w=0'}", "--class_label=all",
-                "--num_samples=1000", "--batch_size=500", "--guidance=0")
+                "--num_samples=200", "--batch_size=200", "--guidance=0")
     fractions = {name: recognised(classifier, tmp_path / name) for name in ("w=1", "w=0")}
     # the untrained network: a one-step run, whose only step has learning rate 0 (warmup from 0)
     scripts.run("train.py", f"--config={scripts.ROOT}/configs/quickstart_cond.py",
                 f"--workdir={tmp_path / 'untrained'}", "--config.train.num_steps=1",
                 "--config.sample.every=0", "--config.eval.num_samples=0")
     scripts.run("sample.py", f"--workdir={tmp_path / 'untrained'}", f"--out={tmp_path / 'untrained_samples'}",
-                "--class_label=all", "--num_samples=1000", "--batch_size=500", "--guidance=1")
+                "--class_label=all", "--num_samples=200", "--batch_size=200", "--guidance=1")
     fractions["untrained"] = recognised(classifier, tmp_path / "untrained_samples")
-    assert fractions["w=1"] >= 0.8, fractions
+    assert fractions["w=1"] >= 0.8 and fractions["w=0"] < fractions["w=1"], fractions
     assert fractions["untrained"] < 0.3, fractions  # chance is 0.1: the check can tell
     # the README's command for the figure
     figure = [sys.executable, "examples/digit_classes.py", str(tmp_path / "w=1" / "samples.npz")]
