@@ -36,9 +36,16 @@ flags.DEFINE_string("compile_for", None, "compile the config's train step for th
                     "the FLOPs per step and projected step times, then exit; --workdir is not needed")
 flags.DEFINE_bool("find_batch", False, "with --compile_for: find the largest global batch that fits, by "
                   "compiling at doubling, then bisected, batch sizes")
+flags.DEFINE_bool("compile_evaluation", False, "with --compile_for: also compile a batch of eval.batch_size "
+                  "samples by the config's sampler (sample.sampler, sample.steps) and the FID extractor on "
+                  "as many images, and print the same figures for each")
 launch.define_distributed_flags()
 flags.adopt_module_key_flags(launch)  # the multi-process flags in --help, not only --helpfull
 flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["compile_for", "find_batch", "compile_evaluation"],
+    lambda given: given["compile_for"] or not (given["find_batch"] or given["compile_evaluation"]),
+    "--find_batch and --compile_evaluation apply to --compile_for")
 flags.register_multi_flags_validator(["workdir", "compile_for"],
                                      lambda given: given["workdir"] or given["compile_for"],
                                      "--workdir is required (except with --compile_for)")
@@ -68,20 +75,24 @@ def main(argv):
 
 
 def compile_for(train_lib):
-    """--compile_for: the fit of the train step on a TPU slice, or with --find_batch the largest batch."""
+    """--compile_for: the fit of the train step on a TPU slice, or with --find_batch the largest batch;
+    with --compile_evaluation, the fit of the sampling and FID programs too."""
     config = launch.config(FLAGS)
     devices = train_lib.tpu_devices(FLAGS.compile_for)
     if not FLAGS.find_batch:
-        return train_lib.print_tpu_compile(train_lib.compile_for_tpu(config, FLAGS.compile_for, devices))
+        train_lib.print_tpu_compile(train_lib.compile_for_tpu(config, FLAGS.compile_for, devices))
+    else:
+        def fits(batch_size: int) -> bool:
+            compiled = train_lib.compile_for_tpu(config, FLAGS.compile_for, devices, batch_size)
+            train_lib.print_tpu_compile(compiled)
+            return compiled.fits
 
-    def fits(batch_size: int) -> bool:
-        compiled = train_lib.compile_for_tpu(config, FLAGS.compile_for, devices, batch_size)
-        train_lib.print_tpu_compile(compiled)
-        return compiled.fits
-
-    largest = train_lib.largest_batch(fits, config.train.batch_size, len(devices))
-    print(f"largest global batch that fits {FLAGS.compile_for}: "
-          + (f"{largest}" if largest else "none (one image per device does not fit)"))
+        largest = train_lib.largest_batch(fits, config.train.batch_size, len(devices))
+        print(f"largest global batch that fits {FLAGS.compile_for}: "
+              + (f"{largest}" if largest else "none (one image per device does not fit)"))
+    if FLAGS.compile_evaluation:
+        for compiled in train_lib.compile_evaluation_for_tpu(config, FLAGS.compile_for, devices):
+            train_lib.print_tpu_compile(compiled)
 
 
 if __name__ == "__main__":

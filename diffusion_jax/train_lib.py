@@ -44,6 +44,7 @@ from diffusion_jax import (
     losses,
     run_lock,
     sample_lib,
+    sampler_registry,
     schedule,
     storage,
     summaries,
@@ -53,6 +54,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax.builders import TrainState
 from diffusion_jax.errors import ConfigError, NonFiniteError
 from diffusion_jax.evaluation import evaluators as evaluators_lib
+from diffusion_jax.evaluation import inception
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.progress import console, duration
 
@@ -402,8 +404,10 @@ MFUS = (0.4, 0.6)  # the model FLOP utilizations at which a step time is project
 
 
 class TpuCompile(NamedTuple):
-    """The train step compiled for a TPU slice: per-device bytes and FLOPs (the compiler's), the
-    device's HBM and peak (``TPU_CHIPS``), the compile's seconds on this host."""
+    """A program of a run (the train step, a batch of sampling, a batch of FID features) compiled for a
+    TPU slice: per-device bytes and FLOPs (the compiler's) of one call, the device's HBM and peak
+    (``TPU_CHIPS``), the compile's seconds on this host."""
+    program: str
     topology: str
     device_kind: str
     num_devices: int
@@ -417,6 +421,7 @@ class TpuCompile(NamedTuple):
     hbm: float
     peak_flops: float
     seconds: float
+    flops_note: str = ""  # how ``flops`` was counted, where not the compiled program's own figure
 
     @property
     def total(self) -> int:
@@ -449,19 +454,41 @@ def tpu_devices(topology: str) -> list:
     raise ConfigError(f"--compile_for={topology}: libtpu could not describe the slice: {said}") from e
 
 
-def compile_for_tpu(config, topology: str, devices, batch_size: int | None = None) -> TpuCompile:
-    """``config``'s train step, at global ``batch_size`` (default the config's), compiled by XLA:TPU for
-    ``devices`` (``tpu_devices(topology)``) as one program over all of them, as a slice of any number
-    of hosts runs it; nothing is allocated or run."""
+def _tpu_chip(topology: str, devices) -> TpuChip:
     kind = devices[0].device_kind
     if kind not in TPU_CHIPS:
         raise ConfigError(f"--compile_for={topology}: its devices are {kind!r}, whose HBM and peak "
                           f"train_lib.TPU_CHIPS does not list (it has {', '.join(TPU_CHIPS)})")
+    return TPU_CHIPS[kind]
+
+
+def _tpu_compile(program: str, jitted, args, topology: str, devices, batch_size: int) -> TpuCompile:
+    """``jitted`` lowered on the abstract ``args`` and compiled by XLA:TPU; its figures per device."""
+    chip = _tpu_chip(topology, devices)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    share = devices[0].num_cores / chip.cores
+    return TpuCompile(program, topology, devices[0].device_kind, len(devices), batch_size,
+                      memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
+                      memory.temp_size_in_bytes, memory.generated_code_size_in_bytes, float(cost["flops"]),
+                      chip.hbm_gib * 2 ** 30 * share, chip.peak_flops * share, seconds)
+
+
+def _tpu_trainer(config, topology: str, devices) -> Trainer:
+    _tpu_chip(topology, devices)  # an unknown device kind before the config's checks
+    config_lib.validate(config, len(devices), len({d.process_index for d in devices}))
+    return Trainer(config, devices)
+
+
+def compile_for_tpu(config, topology: str, devices, batch_size: int | None = None) -> TpuCompile:
+    """``config``'s train step, at global ``batch_size`` (default the config's), compiled by XLA:TPU for
+    ``devices`` (``tpu_devices(topology)``) as one program over all of them, as a slice of any number
+    of hosts runs it; nothing is allocated or run."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.batch_size = batch_size or config.train.batch_size
-    hosts = len({d.process_index for d in devices})
-    config_lib.validate(config, len(devices), hosts)
-    trainer = Trainer(config, devices)
+    trainer = _tpu_trainer(config, topology, devices)
     d = config.data
     shape = (config.train.batch_size, d.image_size, d.image_size, d.channels)
     image = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=trainer.data_sharding)
@@ -469,16 +496,41 @@ def compile_for_tpu(config, topology: str, devices, batch_size: int | None = Non
     if config.model.num_classes:
         batch["label"] = jax.ShapeDtypeStruct(image.shape[:1], jnp.int32, sharding=trainer.data_sharding)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=trainer.replicated)
-    start = time.perf_counter()
-    compiled = trainer.step.lower(trainer.abstract_state(), batch, rng).compile()
-    seconds = time.perf_counter() - start
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    chip = TPU_CHIPS[kind]
-    share = devices[0].num_cores / chip.cores
-    return TpuCompile(topology, kind, len(devices), config.train.batch_size, memory.argument_size_in_bytes,
-                      memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                      memory.generated_code_size_in_bytes, float(cost["flops"]),
-                      chip.hbm_gib * 2 ** 30 * share, chip.peak_flops * share, seconds)
+    return _tpu_compile("train step", trainer.step, (trainer.abstract_state(), batch, rng), topology, devices,
+                        config.train.batch_size)
+
+
+def compile_evaluation_for_tpu(config, topology: str, devices) -> list[TpuCompile]:
+    """What evaluation runs, compiled by XLA:TPU for ``devices`` as :func:`compile_for_tpu` does: one
+    batch of ``eval.batch_size`` samples by the config's sampler (``sample.sampler``, ``sample.steps``;
+    every network evaluation of the batch), and the FID extractor on a batch of as many of the
+    samples (the Inception at full precision, ``conv.EVALUATION_PRECISION``)."""
+    trainer = _tpu_trainer(config, topology, devices)
+    num, d, replicated = config.eval.batch_size, config.data, trainer.replicated
+    params = trainer.abstract_state().ema_params
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    y = jax.ShapeDtypeStruct((num,), jnp.int32, sharding=replicated) if config.model.num_classes else None
+    evaluations = sampler_registry.evaluations(config.sample, trainer.sched)
+    sampling = _tpu_compile(f"sampling ({config.sample.sampler}, {evaluations} network evaluations)",
+                            trainer.generate.compiled(num), (params, rng, index, y), topology, devices, num)
+    # XLA's cost analysis counts the body of the sampling loop once: the FLOPs are those of the network
+    # evaluations, each one forward of the batch (of both passes, doubled, when guided)
+    rows = num * (2 if config.model.num_classes and config.sample.guidance else 1)
+    x_t = jax.ShapeDtypeStruct((rows, d.image_size, d.image_size, d.channels), jnp.float32,
+                               sharding=trainer.data_sharding)
+    timesteps = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=trainer.data_sharding)
+    forward = jax.jit(builders.apply_fn(trainer.model)).lower(params, x_t, timesteps).compile()
+    per_evaluation = float(forward.cost_analysis()["flops"])
+    sampling = sampling._replace(flops=evaluations * per_evaluation, flops_note=(
+        f"{evaluations} network evaluations of {per_evaluation / 1e9:.2f}"))
+    extractor = inception.Extractor(None, batch_size=num, devices=devices)
+    variables = {"params": inception.abstract_params(replicated)}
+    images = jax.ShapeDtypeStruct((extractor.batch_size, d.image_size, d.image_size, 3), jnp.uint8,
+                                  sharding=extractor.data)
+    features = _tpu_compile("FID features", extractor.apply, (variables, images), topology, devices,
+                            extractor.batch_size)
+    return [sampling, features]
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, unit: int) -> int | None:
@@ -499,16 +551,18 @@ def _bytes(n: float) -> str:
 
 def print_tpu_compile(r: TpuCompile) -> None:
     """The lines of ``train.py --compile_for``."""
-    console(f"{r.topology} ({r.num_devices} x {r.device_kind}), global batch {r.batch_size}: compiled in "
-            f"{r.seconds:.0f} s")
+    console(f"{r.program} on {r.topology} ({r.num_devices} x {r.device_kind}), global batch {r.batch_size}: "
+            f"compiled in {r.seconds:.0f} s")
     console(f"  per device: arguments {_bytes(r.arguments)}, outputs {_bytes(r.outputs)} "
             f"({_bytes(r.aliased)} of them in donated arguments), temporaries {_bytes(r.temporary)}, "
             f"program {_bytes(r.code)}")
     console(f"  total {_bytes(r.total)} of the device's {_bytes(r.hbm)} HBM: "
             + ("fits" if r.fits else "does NOT fit"))
+    call = "step" if r.program == "train step" else "batch"
     times = ", ".join(f"{r.flops / (mfu * r.peak_flops) * 1e3:.3g} ms at {mfu:.0%} MFU" for mfu in MFUS)
-    console(f"  {r.flops / 1e9:.1f} GFLOP per device per step; projected step time (not measured): {times} "
-            f"of the device's {r.peak_flops / 1e12:.1f} TFLOP/s bfloat16 peak")
+    counted = f" ({r.flops_note} GFLOP)" if r.flops_note else ""
+    console(f"  {r.flops / 1e9:.1f} GFLOP per device per {call}{counted}; projected {call} time (not "
+            f"measured): {times} of the device's {r.peak_flops / 1e12:.1f} TFLOP/s bfloat16 peak")
 
 
 def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_over_lock: bool,

@@ -36,11 +36,35 @@ def test_the_tiny_train_step_compiles_for_a_v5e_slice_and_fits(libtpu):
     out, err = compile_for("--compile_for=v5e:2x2", PYTHONPATH=libtpu)
     assert err == "", err  # libtpu's warnings of a host without TPUs are in the debug log
     lines = out.splitlines()
-    assert lines[1].startswith("v5e:2x2 (4 x TPU v5 lite), global batch 8: compiled in "), out
+    assert lines[1].startswith("train step on v5e:2x2 (4 x TPU v5 lite), global batch 8: compiled in "), out
+    assert len(lines) == 5, out  # the train step only, without --compile_evaluation
     assert lines[2].startswith("  per device: arguments ") and "of them in donated arguments" in lines[2]
     assert lines[3].startswith("  total ") and lines[3].endswith(" of the device's 16.00 GiB HBM: fits"), out
     assert " GFLOP per device per step; projected step time (not measured): " in lines[4]
     assert "197.0 TFLOP/s bfloat16 peak" in lines[4]
+
+
+def test_with_compile_evaluation_the_sampling_and_fid_programs_compile_too(libtpu):
+    """A v3-8 (8 TensorCores) and eval.batch_size 8: the Inception compiles in ~40 s for v3 here,
+    several minutes for v5e."""
+    out, err = compile_for("--compile_for=v3:2x2", "--compile_evaluation", "--config.eval.batch_size=8",
+                           PYTHONPATH=libtpu)
+    assert err == "", err
+    headers = [line.split(": compiled in ")[0] for line in out.splitlines() if ": compiled in " in line]
+    assert headers == ["train step on v3:2x2 (8 x TPU v3), global batch 8",
+                       "sampling (ddim, 5 network evaluations) on v3:2x2 (8 x TPU v3), global batch 8",
+                       "FID features on v3:2x2 (8 x TPU v3), global batch 8"], out
+    fits = [line for line in out.splitlines() if line.startswith("  total ")]
+    assert len(fits) == 3 and all(line.endswith(" of the device's 16.00 GiB HBM: fits") for line in fits), out
+    # the sampling loop's FLOPs are its 5 evaluations of the network: XLA counts a loop's body once
+    assert " GFLOP per device per batch (5 network evaluations of " in out
+    assert " GFLOP per device per batch; projected batch time (not measured): " in out  # the features'
+
+
+@pytest.mark.integration
+def test_evaluation_and_batch_flags_need_compile_for():
+    _, err = compile_for("--workdir=unused", "--compile_evaluation", expect=2)
+    assert err.strip().endswith("--find_batch and --compile_evaluation apply to --compile_for"), err
 
 
 @pytest.mark.parametrize("topology, message", [

@@ -240,11 +240,18 @@ def fold(state: dict) -> dict:
     return flat
 
 
+def abstract_params(sharding=None) -> dict:
+    """The shapes and dtypes of :class:`InceptionV3`'s params, placed by ``sharding``, without computing
+    them."""
+    shapes = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.uint8))
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                  shapes["params"])
+
+
 def _shapes() -> dict:
-    """{"Block/conv/kernel": shape, ...} of the params of :class:`InceptionV3`, without computing them."""
-    return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(jax.eval_shape(
-        InceptionV3().init, jax.random.PRNGKey(0),
-        jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8))["params"]).items()}
+    """{"Block/conv/kernel": shape, ...} of the params of :class:`InceptionV3`."""
+    return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(abstract_params()).items()}
 
 
 def _unflatten(flat: dict) -> dict:
@@ -305,11 +312,12 @@ class Extractor:
 
     N images go in the fewest batches of at most ``batch_size``, all of one size (a multiple of
     the devices; the last padded), so 20 images cost 20, not ``batch_size``, and one compile.
-    Every process passes the same images (all of them) and gets all the features back.
+    Every process passes the same images (all of them) and gets all the features back. ``devices``:
+    those of the mesh (default: all).
     """
 
-    def __init__(self, params, batch_size: int = 200):
-        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    def __init__(self, params, batch_size: int = 200, devices=None):
+        mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self.params, self.data = params, NamedSharding(mesh, P("data"))
         # the jitted network: (variables, uint8 [batch, H, W, 3]) -> (pool, logits)
