@@ -112,6 +112,16 @@ def test_a_second_sample_py_on_the_same_out_is_refused_naming_the_first(quicksta
     assert sorted(os.listdir(tmp_path)) == ["run.lock"]
     assert json.loads((tmp_path / "run.lock").read_text()) == owner
 
+    # a lock of another host, not refreshed for an hour: its run may live behind a partition, so the
+    # message says so, and --take_over_lock takes it over
+    lost = dict(owner, host="another-host", refreshed=time.time() - 3600)
+    (tmp_path / "run.lock").write_text(json.dumps(lost))
+    refused = sample(quickstart_workdir, tmp_path, "--num_samples=8", "--batch_size=8", expect=4)
+    assert "if that run is gone, add --take_over_lock" in refused.stderr, refused.stderr
+    taken = sample(quickstart_workdir, tmp_path, "--num_samples=8", "--batch_size=8", "--take_over_lock")
+    assert "taking over the lock of run first of host another-host" in taken.stdout
+    assert (tmp_path / "samples.npz").exists() and not (tmp_path / "run.lock").exists()
+
 
 @pytest.mark.parametrize("value", ["0", "-3", "ten"])
 def test_num_samples_must_be_a_positive_integer(quickstart_workdir, tmp_path, value):
