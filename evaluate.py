@@ -115,7 +115,7 @@ def fid_mode():
     samples = storage.path(FLAGS.samples, what="--samples")
     storage.check_shared(samples.parent)
     images = fid.load_samples(samples)  # checked before the network loads
-    evaluator = report.Evaluator(reference_data(images.shape[1]), reference_stats=FLAGS.reference_stats,
+    evaluator = report.InceptionScorer(reference_data(images.shape[1]), reference_stats=FLAGS.reference_stats,
                                  inception_weights=FLAGS.inception_weights)
     values = evaluator.fid_and_is(images)
     report.print_fid(values)
@@ -150,7 +150,7 @@ def reference_stats_mode():
     size = FLAGS.image_size or {"cifar10": 32, "digits": 16}.get(FLAGS.dataset)
     if size is None:
         raise ConfigError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
-    evaluator = report.Evaluator(reference_data(size), reference_stats=FLAGS.reference_stats,
+    evaluator = report.InceptionScorer(reference_data(size), reference_stats=FLAGS.reference_stats,
                                  inception_weights=FLAGS.inception_weights)
     storage.check_shared(storage.path(evaluator.reference_path).parent)
     stats = evaluator.reference
@@ -187,7 +187,7 @@ def nll_mode(jax):
                                  data_dir=d.data_dir)
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
-    bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config, evaluation=True)),
+    bound = likelihood.Bound(builders.apply_fn(builders.make_model(config, evaluation=True)),
                                  builders.make_schedule(config), batch_size=FLAGS.batch_size,
                                  **builders.output_types(config))
     result = bound(params, images, jax.random.PRNGKey(FLAGS.seed), progress=Progress("NLL"))
@@ -229,7 +229,7 @@ def guidance_sweep_mode(jax):
     if FLAGS.batch_size % jax.device_count():
         raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
                           "devices")
-    scorer = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
+    scorer = report.InceptionScorer(config.data, reference_stats=FLAGS.reference_stats,
                               inception_weights=FLAGS.inception_weights)
     model, sched = builders.make_model(config), builders.make_schedule(config)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))

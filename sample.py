@@ -233,7 +233,7 @@ def samples(jax, loaded, out, lock):
     if FLAGS.fid:  # the Inception weights before anything is written: a missing file stops the run at once
         from diffusion_jax.evaluation import report
 
-        evaluator = report.Evaluator(config.data, reference_stats=FLAGS.reference_stats,
+        evaluator = report.InceptionScorer(config.data, reference_stats=FLAGS.reference_stats,
                                      inception_weights=FLAGS.inception_weights)
     check_run_settings(out, settings)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))

@@ -260,13 +260,13 @@ def make_evaluators(config, trainer: Trainer, images, heldout: np.ndarray | None
     if e.every and e.fid_samples:
         from diffusion_jax.evaluation import report
 
-        scorer = report.Evaluator(config.data, reference_stats=e.reference_stats,
+        scorer = report.InceptionScorer(config.data, reference_stats=e.reference_stats,
                                   inception_weights=e.inception_weights)
         found.append(evaluators_lib.FidIs(e.every, trainer.generate, scorer, e.fid_samples, e.batch_size))
     if e.every and e.nll_images:
         from diffusion_jax.evaluation import likelihood
 
-        bound = likelihood.Evaluator(builders.apply_fn(builders.make_model(config, evaluation=True)),
+        bound = likelihood.Bound(builders.apply_fn(builders.make_model(config, evaluation=True)),
                                      trainer.sched, batch_size=e.batch_size, **builders.output_types(config))
         found.append(evaluators_lib.Nll(e.every, bound, heldout[:e.nll_images]))
     if e.num_samples:

@@ -72,7 +72,7 @@ def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_
     config, params, _ = checkpoints.load(workdir=quickstart_workdir)
     d = config.data
     images = input_pipeline.load(d.name, d.eval_split, image_size=d.image_size)[:16]
-    rng, bound = jax.random.PRNGKey(0), likelihood.Evaluator(  # compiled once for both
+    rng, bound = jax.random.PRNGKey(0), likelihood.Bound(  # compiled once for both
         builders.apply_fn(builders.make_model(config)), builders.make_schedule(config), batch_size=16,
         **builders.output_types(config))
     trained = bound(params, images, rng)
@@ -88,4 +88,4 @@ def test_quickstart_model_has_finite_nll_below_the_untrained_network(quickstart_
 
 def test_nll_refuses_a_batch_size_the_devices_do_not_divide():
     with pytest.raises(ValueError, match="multiple of the"):
-        likelihood.Evaluator(None, None, mean_type="eps", var_type="fixed_large", batch_size=0)
+        likelihood.Bound(None, None, mean_type="eps", var_type="fixed_large", batch_size=0)

@@ -45,7 +45,8 @@ class SampleGrid:
 
 
 class FidIs:
-    """FID and IS of ``num`` samples against the reference statistics of ``scorer`` (``report.Evaluator``)."""
+    """FID and IS of ``num`` samples against the reference statistics of ``scorer``
+    (``report.InceptionScorer``)."""
 
     def __init__(self, every: int, generate: Callable, scorer, num: int, batch_size: int):
         self.every, self.generate, self.scorer, self.num, self.batch_size = (every, generate, scorer, num,
@@ -64,9 +65,9 @@ class FidIs:
 
 
 class Nll:
-    """The NLL bound (bits/dim) of held-out ``images`` (uint8 NHWC) by a ``likelihood.Evaluator``."""
+    """The NLL bound (bits/dim) of held-out ``images`` (uint8 NHWC) by a ``likelihood.Bound``."""
 
-    def __init__(self, every: int, bound: likelihood.Evaluator, images: np.ndarray):
+    def __init__(self, every: int, bound: likelihood.Bound, images: np.ndarray):
         self.every, self.bound, self.images = every, bound, images
 
     def run(self, params, rng) -> dict:

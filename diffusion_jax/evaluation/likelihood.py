@@ -45,8 +45,9 @@ class Likelihood(NamedTuple):
         return self.prior + np.cumsum(self.terms[::-1])[::-1]
 
 
-class Evaluator:
-    """The bound of a model compiled once, for batches of ``batch_size`` (a multiple of the device count).
+class Bound:
+    """The variational bound (bits/dim) of a model, compiled once, for batches of ``batch_size`` (a
+    multiple of the device count).
 
     ``apply(params, x_t, t)`` is the network's output (eps or x_0, and the variance if learned), as
     ``mean_type`` and ``var_type`` say; ``sched`` the schedule it was trained with."""

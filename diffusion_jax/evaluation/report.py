@@ -21,8 +21,8 @@ def default_reference_path(dataset: str, split: str, image_size: int) -> str:
     return str(storage.path(inception.DEFAULT_DIR) / "fid_stats" / f"{dataset}_{split}_{image_size}.npz")
 
 
-class Evaluator:
-    """The Inception network and the reference statistics, loaded once."""
+class InceptionScorer:
+    """FID and IS of samples: the Inception network and the reference statistics, loaded once."""
 
     def __init__(self, data, *, reference_stats: str | None = None, inception_weights: str | None = None):
         """``data``: a config's ``data`` section (name, train_split, image_size, data_dir) naming the
@@ -75,8 +75,9 @@ def print_nll(result: likelihood.Likelihood, split: str) -> None:
 
 
 def write_guidance_sweep(rows: list[dict], out, settings: dict) -> None:
-    """The FID and IS of each guidance scale (``rows`` of ``guidance`` and :meth:`Evaluator.fid_and_is`'s
-    values) as ``out/guidance_sweep.json``, a Markdown table ``.md`` and a plot ``.png``, from process 0."""
+    """The FID and IS of each guidance scale (``rows`` of ``guidance`` and
+    :meth:`InceptionScorer.fid_and_is`'s values) as ``out/guidance_sweep.json``, a Markdown table
+    ``.md`` and a plot ``.png``, from process 0."""
     if jax.process_index() != 0:
         return
     out = storage.path(out)
