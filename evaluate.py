@@ -116,7 +116,7 @@ def fid_mode():
     storage.check_shared(samples.parent)
     images = fid.load_samples(samples)  # checked before the network loads
     evaluator = report.InceptionScorer(reference_data(images.shape[1]), reference_stats=FLAGS.reference_stats,
-                                 inception_weights=FLAGS.inception_weights)
+                                       inception_weights=FLAGS.inception_weights)
     values = evaluator.fid_and_is(images)
     report.print_fid(values)
     report.write_json(samples.with_name(samples.stem + "_metrics.json"), values)
@@ -151,7 +151,7 @@ def reference_stats_mode():
     if size is None:
         raise ConfigError(f"--dataset={FLAGS.dataset} needs --image_size (the size the model samples at)")
     evaluator = report.InceptionScorer(reference_data(size), reference_stats=FLAGS.reference_stats,
-                                 inception_weights=FLAGS.inception_weights)
+                                       inception_weights=FLAGS.inception_weights)
     storage.check_shared(storage.path(evaluator.reference_path).parent)
     stats = evaluator.reference
     console(f"statistics of {FLAGS.dataset}/{FLAGS.split} ({stats.mu.shape[0]} features) in "
@@ -188,8 +188,8 @@ def nll_mode(jax):
     if FLAGS.num_images:
         images = images[:FLAGS.num_images]
     bound = likelihood.Bound(builders.apply_fn(builders.make_model(config, evaluation=True)),
-                                 builders.make_schedule(config), batch_size=FLAGS.batch_size,
-                                 **builders.output_types(config))
+                             builders.make_schedule(config), batch_size=FLAGS.batch_size,
+                             **builders.output_types(config))
     result = bound(params, images, jax.random.PRNGKey(FLAGS.seed), progress=Progress("NLL"))
     report.print_nll(result, d.eval_split)
     report.write_json(out / "nll.json", {
@@ -215,11 +215,9 @@ def guidance_scales() -> list[float]:
 
 
 def guidance_sweep_mode(jax):
-    import numpy as np
-    from jax.sharding import Mesh
-
     from diffusion_jax import builders, progress, sample_lib
     from diffusion_jax.evaluation import report
+    from diffusion_jax.mesh import data_mesh
 
     scales = guidance_scales()
     out, config, params = output_and_model(jax)
@@ -230,9 +228,9 @@ def guidance_sweep_mode(jax):
         raise ConfigError(f"--batch_size={FLAGS.batch_size} must be a multiple of the {jax.device_count()} "
                           "devices")
     scorer = report.InceptionScorer(config.data, reference_stats=FLAGS.reference_stats,
-                              inception_weights=FLAGS.inception_weights)
+                                    inception_weights=FLAGS.inception_weights)
     model, sched = builders.make_model(config), builders.make_schedule(config)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = data_mesh()
     rows = []
     for w in scales:
         config.sample.guidance = w

@@ -214,9 +214,9 @@ def samples(jax, loaded, out, lock):
     model) and a grid of the first 64 (of --class_label=all: a row per class) from process 0; FID and
     IS with --fid."""
     import numpy as np
-    from jax.sharding import Mesh
 
     from diffusion_jax import builders, image_io, progress, run_lock, sample_lib
+    from diffusion_jax.mesh import data_mesh
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
@@ -234,9 +234,9 @@ def samples(jax, loaded, out, lock):
         from diffusion_jax.evaluation import report
 
         evaluator = report.InceptionScorer(config.data, reference_stats=FLAGS.reference_stats,
-                                     inception_weights=FLAGS.inception_weights)
+                                           inception_weights=FLAGS.inception_weights)
     check_run_settings(out, settings)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    mesh = data_mesh()
     generate = sample_lib.Generator(config, builders.make_model(config), sched, mesh,
                                     labels=class_labels(config))
     guided = config.model.num_classes and config.sample.guidance  # both passes in one doubled batch

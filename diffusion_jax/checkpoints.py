@@ -27,13 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import builders, convert, errors, storage
 from diffusion_jax import config as config_lib
 from diffusion_jax.builders import TrainState
 from diffusion_jax.errors import CheckpointError, ConfigError, StorageError
+from diffusion_jax.mesh import data_mesh
 from diffusion_jax.progress import console
 
 # the keys of a config that fix the shapes of the parameters
@@ -275,7 +276,7 @@ def _training(workdir: epath.Path, step: int | None, which: str, config):
         else:
             config = given
             check_resume_compatible(config, saved)
-        replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), P())
+        replicated = NamedSharding(data_mesh(), P())
         return config, restore_state(manager, step, builders.abstract_state(config, replicated))
 
     with ocp.CheckpointManager(directory, options=options) as manager:

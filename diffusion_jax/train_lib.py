@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import (
@@ -55,6 +55,7 @@ from diffusion_jax.builders import TrainState
 from diffusion_jax.errors import ConfigError, NonFiniteError
 from diffusion_jax.evaluation import evaluators as evaluators_lib
 from diffusion_jax.evaluation import inception
+from diffusion_jax.mesh import data_mesh
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.progress import console, duration
 
@@ -125,7 +126,7 @@ class Trainer:
         self.model = builders.make_model(config)
         self.sched = builders.make_schedule(config)
         self.tx = builders.make_optimizer(config)
-        self.mesh = Mesh(np.array(jax.devices() if devices is None else devices), ("data",))
+        self.mesh = data_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         self.data_sharding = NamedSharding(self.mesh, P("data"))
         # runs once: XLA's backend optimizes the random draws less; the same values, ~3 s of 10 sooner
@@ -261,13 +262,13 @@ def make_evaluators(config, trainer: Trainer, images, heldout: np.ndarray | None
         from diffusion_jax.evaluation import report
 
         scorer = report.InceptionScorer(config.data, reference_stats=e.reference_stats,
-                                  inception_weights=e.inception_weights)
+                                        inception_weights=e.inception_weights)
         found.append(evaluators_lib.FidIs(e.every, trainer.generate, scorer, e.fid_samples, e.batch_size))
     if e.every and e.nll_images:
         from diffusion_jax.evaluation import likelihood
 
         bound = likelihood.Bound(builders.apply_fn(builders.make_model(config, evaluation=True)),
-                                     trainer.sched, batch_size=e.batch_size, **builders.output_types(config))
+                                 trainer.sched, batch_size=e.batch_size, **builders.output_types(config))
         found.append(evaluators_lib.Nll(e.every, bound, heldout[:e.nll_images]))
     if e.num_samples:
         n = min(e.num_samples, len(heldout))

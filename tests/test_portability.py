@@ -121,7 +121,7 @@ def test_fid_inception_features_at_float32_precision_on_every_backend():
 def test_nll_bound_at_float32_precision_on_every_backend():
     c = cifar10.get_config()
     evaluator = likelihood.Bound(builders.apply_fn(builders.make_model(c, evaluation=True)),
-                                     builders.make_schedule(c), batch_size=4, **builders.output_types(c))
+                                 builders.make_schedule(c), batch_size=4, **builders.output_types(c))
     params = abstract_params(builders.make_model(c), 32)
     texts = check_exports(evaluator.bound, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
                           jax.ShapeDtypeStruct((2,), jnp.uint32))

@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import errors, storage, xla_flags
 from diffusion_jax.errors import DataError
+from diffusion_jax.mesh import data_mesh
 from diffusion_jax.models import conv
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -317,7 +318,7 @@ class Extractor:
     """
 
     def __init__(self, params, batch_size: int = 200, devices=None):
-        mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+        mesh = data_mesh(devices)
         self.batch_size = -(-batch_size // mesh.size) * mesh.size
         self.params, self.data = params, NamedSharding(mesh, P("data"))
         # the jitted network: (variables, uint8 [batch, H, W, 3]) -> (pool, logits)

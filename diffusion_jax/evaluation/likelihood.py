@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import image_io, losses
 from diffusion_jax.errors import ConfigError, DataError
+from diffusion_jax.mesh import data_mesh
 
 
 class Likelihood(NamedTuple):
@@ -57,7 +58,7 @@ class Bound:
         if batch_size < 1 or batch_size % num_devices:
             raise ConfigError(f"batch_size {batch_size} must be a positive multiple of the {num_devices} "
                               "devices")
-        mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        mesh = data_mesh()
         self.batch_size, self.data, replicated = (batch_size, NamedSharding(mesh, P("data")),
                                                   NamedSharding(mesh, P()))
 
