@@ -242,10 +242,8 @@ def guidance_sweep_mode(jax):
         values = scorer.fid_and_is(sample_lib.on_every_process(images, directory))
         report.print_fid(values, prefix=f"w = {w:g}: ")
         rows.append(dict(guidance=w, **values))
-        sampler = {k: config.sample[k] for k in ("sampler", "steps", "spacing", "clip_x0",
-                                                 *sampler_registry.get(config.sample.sampler).options)}
-        report.write_guidance_sweep(rows, out, dict(sampler=sampler, seed=FLAGS.seed,
-                                                     model=FLAGS.workdir or FLAGS.checkpoint))
+        report.write_guidance_sweep(rows, out, dict(sampler=sampler_registry.settings(config.sample),
+                                                    seed=FLAGS.seed, model=FLAGS.workdir or FLAGS.checkpoint))
     progress.console(f"wrote guidance_sweep.json, guidance_sweep.md and guidance_sweep.png to {out}")
 
 

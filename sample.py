@@ -220,12 +220,10 @@ def samples(jax, loaded, out, lock):
 
     config, params = loaded.config, loaded.params
     settings = dict(model=loaded.source, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                    sample={k: config.sample[k] for k in ("sampler", "steps", "spacing", "eta", "clip_x0")})
+                    sample=sampler_registry.settings(config.sample))
     if config.model.num_classes:  # what the samples are of, for a resume to match
         settings.update(class_label=FLAGS.class_label, guidance=config.sample.guidance,
                         num_samples=FLAGS.num_samples)
-    options = sampler_registry.get(config.sample.sampler).options  # eta is recorded for every sampler
-    settings["sample"].update({k: config.sample[k] for k in options})
     sched = builders.make_schedule(config)
     # what one sample costs (derived from the settings above, so not compared on resume)
     settings["network_evaluations"] = sampler_registry.evaluations(config.sample, sched)

@@ -117,6 +117,14 @@ def visited_timesteps(sample, sched):
                              **{key: sample[key] for key in sampler.timestep_options})
 
 
+def settings(sample) -> dict:
+    """What of a config's ``sample`` section decides the samples, as sample.py and the guidance sweep
+    record it: the sampler, its steps and spacing, eta (kept for every sampler), the clipping of x_0
+    and the sampler's own options."""
+    keys = ("sampler", "steps", "spacing", "eta", "clip_x0", *get(sample.sampler).options)
+    return {k: sample[k] for k in keys}
+
+
 def evaluations(sample, sched) -> int:
     """The network evaluations (NFE) of one run of ``config.sample``'s sampler: its ``nfe`` of the distinct
     timesteps it visits (all T for the full chain). Under classifier-free guidance each is one

@@ -121,3 +121,16 @@ def test_an_unknown_schedule_names_the_registered_ones(registries):
     config_lib.validate(config, num_devices=1, num_processes=1)
     betas = schedule.make_schedule("toy_const", 10, beta_end=0.1).betas
     np.testing.assert_array_equal(betas, np.full(10, 0.1, np.float32))
+
+
+@pytest.mark.parametrize("sampler, own", [
+    ("ddpm", []), ("ddim", []), ("dpm_solver++", ["order", "threshold"]),
+    ("heun_churn", ["rho", "S_churn", "S_tmin", "S_tmax", "S_noise"])])
+def test_the_settings_that_decide_the_samples_are_listed_once(sampler, own):
+    """What sample.py records in sampling.json (and compares on resume) and the guidance sweep in its
+    table: the common keys, eta for every sampler, and the sampler's own options."""
+    sample = config_lib.base().sample
+    sample.sampler = sampler
+    settings = sampler_registry.settings(sample)
+    assert list(settings) == ["sampler", "steps", "spacing", "eta", "clip_x0", *own]
+    assert all(settings[k] == sample[k] for k in settings)
