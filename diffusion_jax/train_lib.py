@@ -573,15 +573,17 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
     process, processes = jax.process_index(), jax.process_count()
     lock = run_lock.take(workdir, take_over=take_over_lock)  # before anything else: a second run stops here
     try:
+        resume_step = None
         if (workdir / "checkpoints").is_dir():
             with checkpoints.checkpoint_manager(workdir, config, create=False) as manager:
-                _, saved = checkpoints.latest_readable(manager, workdir,
-                                                       lambda step: checkpoints.restore_config(manager, step))
+                resume_step, saved = checkpoints.latest_readable(
+                    manager, workdir, lambda step: checkpoints.restore_config(manager, step))
                 if saved is not None:
                     checkpoints.check_resume_compatible(config, saved)
                     changed = checkpoints.check_resume_settings(config, saved, allow_config_change)
                     if changed:
                         console("going on with changed settings: " + ", ".join(changed))
+        _refuse_repeating_non_finite(workdir, config, resume_step)
         if lock is not None:
             _record_start(workdir, config, lock)
         data = streamed if streamed is not None else input_pipeline.open_share(d.name, d.train_split,
@@ -608,7 +610,6 @@ def _train_and_evaluate(config, workdir: str, signals: interrupts.Signals, take_
         if last_good is not None:
             state = restored
             console(f"resumed from the checkpoint of step {last_good} in {workdir}")
-        _refuse_repeating_non_finite(workdir, config, last_good)
         start = int(state.step)
         writer = summaries.Writer(workdir / "tensorboard", purge_step=start + 1)  # the first step it logs
         writer.hparams(config_lib.flatten(config))
